@@ -1,0 +1,88 @@
+"""Small configurations of real diffusers DiTs with random weights (no hub access needed).
+
+Each factory returns ``(model, make_inputs)`` where ``make_inputs(timestep, latents)``
+builds the keyword arguments of one forward call. Configurations are the ones measured in
+``shared/FACTS.md``; ``layers`` deepens them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class SmallDiT:
+    name: str
+    model: torch.nn.Module
+    latent_shape: tuple[int, ...]
+    text: torch.Tensor
+    extra: dict
+    prediction_channels: int | None = None  # Latte predicts (noise, sigma): keep the first half
+
+    def inputs(self, latents: torch.Tensor, timestep: torch.Tensor) -> dict:
+        return dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=self.text,
+                    return_dict=False, **self.extra)
+
+    def prediction(self, out) -> torch.Tensor:
+        pred = out[0]
+        if self.prediction_channels is not None:
+            pred = pred[:, : self.prediction_channels] if self.name != "cogvideox" else pred
+        return pred
+
+
+def wan(layers: int = 2, deep: bool = False, seed: int = 0, frames: int = 8, size: int = 16) -> SmallDiT:
+    import diffusers
+    torch.manual_seed(seed)
+    if deep:
+        cfg = dict(num_attention_heads=4, attention_head_dim=16, text_dim=32, ffn_dim=128)
+    else:
+        cfg = dict(num_attention_heads=2, attention_head_dim=12, text_dim=16, ffn_dim=32)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), in_channels=4, out_channels=4, freq_dim=256, num_layers=layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **cfg).eval()
+    text = torch.randn(1, 12, cfg["text_dim"])
+    return SmallDiT("wan", model, (1, 4, frames, size, size), text, {})
+
+
+def cogvideox(layers: int = 2, seed: int = 0) -> SmallDiT:
+    import diffusers
+    torch.manual_seed(seed)
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        time_embed_dim=2, text_embed_dim=8, num_layers=layers, sample_width=16, sample_height=16,
+        sample_frames=29, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=8).eval()
+    return SmallDiT("cogvideox", model, (1, 8, 4, 16, 16), torch.randn(1, 8, 8), {})
+
+
+def latte(layers: int = 2, seed: int = 0) -> SmallDiT:
+    import diffusers
+    torch.manual_seed(seed)
+    model = diffusers.LatteTransformer3DModel(
+        sample_size=16, num_layers=layers, patch_size=2, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=8, in_channels=4, cross_attention_dim=16,
+        out_channels=8, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
+        video_length=8).eval()
+    return SmallDiT("latte", model, (1, 4, 8, 16, 16), torch.randn(1, 8, 8),
+                    {"enable_temporal_attentions": True}, prediction_channels=4)
+
+
+FACTORIES: dict[str, Callable[..., SmallDiT]] = {"wan": wan, "cogvideox": cogvideox, "latte": latte}
+
+
+def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=None) -> torch.Tensor:
+    """An ordinary flow-matching denoising loop with diffusers' scheduler; returns the latent."""
+    import diffusers
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(dit.latent_shape, generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = model(**dit.inputs(x, t.expand(x.shape[0])))
+            x = scheduler.step(dit.prediction(out), t, x).prev_sample
+            if on_step is not None:
+                on_step(x)
+    return x

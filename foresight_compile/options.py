@@ -1,0 +1,108 @@
+"""The backend's options: one frozen, validated dataclass.
+
+``torch.compile(model, backend="foresight", options={...})`` hands the dict to
+``Options.from_dict``; unknown keys and bad values raise ``ForesightValueError`` (a
+``ValueError``) naming the key and what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from foresight_compile.errors import ForesightValueError
+
+POLICIES = ("none", "static", "foresight")
+DECISIONS = ("per_layer", "prefix")
+LOWERINGS = ("inductor", "eager")
+FORMS = ("segments", "graph")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    policy: str = "foresight"
+    """Reuse policy: "none" (never reuse), "static" (compute every `recompute_every` steps
+    after warmup), "foresight" (adaptive, arXiv 2506.00329)."""
+    warmup: int | float = 8
+    """Steps at the start of each generation that compute every block. An int counts steps;
+    a float in (0, 1) is a fraction of the generation's step count (see `num_steps`)."""
+    recompute_every: int = 2
+    """After warmup, every block is computed on steps where (step - warmup) % N == 0."""
+    threshold: float = 0.5
+    """Foresight's lambda: a block is reused while MSE(out, cache) <= lambda * warmup MSE."""
+    decision: str = "per_layer"
+    """Foresight: "per_layer" (the paper) or "prefix" (the released code: skip blocks 0..k
+    where k is the deepest block under its threshold)."""
+    num_steps: int | None = None
+    """Steps per generation, needed only to resolve a fractional `warmup`; when unset, the
+    previous generation's length is used."""
+    lowering: str = "inductor"
+    """"inductor": each distinct segment compiled once by Inductor; "eager": run the
+    rewritten graph as is (fast to build; for debugging and tests)."""
+    form: str = "segments"
+    """"segments": the host-branch form (segments compiled separately, the executor
+    branches between them); "graph": one graph with a torch.cond per block."""
+    strict: bool = False
+    """Raise instead of falling back to plain Inductor when the model cannot be cached."""
+
+    def __post_init__(self) -> None:
+        _choice("policy", self.policy, POLICIES)
+        _choice("decision", self.decision, DECISIONS)
+        _choice("lowering", self.lowering, LOWERINGS)
+        _choice("form", self.form, FORMS)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)):
+            raise ForesightValueError(
+                f"option 'warmup' must be an int >= 0 (steps) or a float in (0, 1) (a fraction "
+                f"of the steps), got {self.warmup!r}")
+        if isinstance(self.warmup, int) and self.warmup < 0:
+            raise ForesightValueError(f"option 'warmup' must be >= 0, got {self.warmup}")
+        if isinstance(self.warmup, float) and not 0.0 < self.warmup < 1.0:
+            raise ForesightValueError(
+                f"option 'warmup' as a float is a fraction of the steps and must lie in (0, 1), "
+                f"got {self.warmup}; pass an int to count steps")
+        _positive_int("recompute_every", self.recompute_every)
+        if self.num_steps is not None:
+            _positive_int("num_steps", self.num_steps)
+        if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                or not math.isfinite(self.threshold) or self.threshold <= 0):
+            raise ForesightValueError(
+                f"option 'threshold' must be a finite number > 0, got {self.threshold!r}")
+        if not isinstance(self.strict, bool):
+            raise ForesightValueError(f"option 'strict' must be True or False, got {self.strict!r}")
+        if self.policy == "foresight" and isinstance(self.warmup, int) and self.warmup < 2:
+            raise ForesightValueError(
+                f"option 'warmup' must be >= 2 for policy 'foresight' (its thresholds come from "
+                f"the last two warmup steps), got {self.warmup}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "Options":
+        if options is None:
+            return cls()
+        if not isinstance(options, Mapping):
+            raise ForesightValueError(f"options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ForesightValueError(
+                    f"unknown option {key!r}; accepted options: {', '.join(valid)}")
+        return cls(**options)
+
+    def warmup_steps(self, total_steps: int | None) -> int | None:
+        """Warmup in steps; None when it is a fraction and the step count is unknown."""
+        if isinstance(self.warmup, int):
+            return self.warmup
+        total = self.num_steps or total_steps
+        if total is None:
+            return None
+        return max(2 if self.policy == "foresight" else 0, round(self.warmup * total))
+
+
+def _choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ForesightValueError(
+            f"option {key!r} got {value!r}; accepted values: {', '.join(map(repr, accepted))}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ForesightValueError(f"option {key!r} must be an int >= 1, got {value!r}")

@@ -1,0 +1,1 @@
+"""FX passes: block discovery, partitioning, conditional cache branches."""

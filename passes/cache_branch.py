@@ -1,0 +1,126 @@
+"""Conditional cache branch pass: the graph form of DESIGN.md section 2.
+
+``insert_cache_branches(segmented)`` returns one GraphModule in which every block call is
+``torch.cond(reuse_mask[l], reuse_l, compute_l, (*caches_l, *block_inputs))`` (the
+``higher_order.cond`` operator, so Inductor and export trace it without Dynamo):
+
+* ``compute_l`` runs the block and returns ``(*outputs, stats)``, ``stats = [mse, finite]``
+  of the outputs against the cache (see ``change_metric``);
+* ``reuse_l`` returns ``(*[cache.clone()], zeros(2))`` (a clone: under Inductor a branch may
+  not return an operand unchanged).
+
+Signature of the result: ``(*original_inputs, reuse_mask, *caches) -> (*original_outputs,
+stats, *new_caches)`` where ``reuse_mask`` is bool ``[L]``, ``caches`` lists every block's
+outputs in block order, ``stats`` is float32 ``[L, 2]`` (zeros for reused blocks) and
+``new_caches`` are the block outputs of this call (what the cache holds afterwards). The
+cache is explicit state: nothing is mutated, so the graph exports (ONNX ``If`` per block).
+
+Assumes ``segmented`` came from ``partition_blocks``; it is not modified (the new graph
+is built on copies of its submodules).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from foresight_compile.passes.change_metric import with_change_metric
+from foresight_compile.passes.partition import Segmented
+
+
+def _branch(n_outputs: int, n_inputs: int, tracked: fx.GraphModule | None) -> fx.GraphModule:
+    """compute (``tracked`` given) or reuse branch over operands ``(*caches, *inputs)``."""
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    caches = [graph.placeholder(f"cache{k}") for k in range(n_outputs)]
+    inputs = [graph.placeholder(f"arg{i}") for i in range(n_inputs)]
+    if tracked is None:
+        outs = [graph.call_method("clone", (c,)) for c in caches]
+        stats = graph.call_method("new_zeros", (caches[0], (2,)), {"dtype": torch.float32})
+        graph.output((*outs, stats))
+    else:
+        root.tracked = tracked
+        result = graph.call_module("tracked", (*inputs, *caches))
+        graph.output(tuple(graph.call_function(operator.getitem, (result, k))
+                           for k in range(n_outputs + 1)))
+    return fx.GraphModule(root, graph)
+
+
+def _aliased_segment_outputs(src: fx.GraphModule, block_names: set[str]) -> set[fx.Node]:
+    """Segment outputs that share storage with an earlier output of the same segment.
+
+    ``cond`` refuses operands that alias each other (CogVideoX slices its text and video
+    tokens out of one tensor), so these get a clone in the graph form.
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    aliased: set[fx.Node] = set()
+    for call in src.graph.find_nodes(op="call_module"):
+        if call.target in block_names:
+            continue
+        sub_out = next(iter(src.get_submodule(call.target).graph.find_nodes(op="output"))).args[0]
+        seen: set = set()
+        for user in sorted(call.users, key=lambda u: u.args[1]):
+            value = sub_out[user.args[1]].meta.get("example_value")
+            if not isinstance(value, torch.Tensor):
+                continue
+            key = StorageWeakRef(value.untyped_storage())
+            if key in seen:
+                aliased.add(user)
+            seen.add(key)
+    return aliased
+
+
+def insert_cache_branches(segmented: Segmented) -> fx.GraphModule:
+    src = segmented.gm
+    blocks = {name: l for l, name in enumerate(segmented.block_submods)}
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = list(src.graph.find_nodes(op="placeholder"))
+    for p in placeholders:
+        env[p] = graph.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    mask = graph.placeholder("reuse_mask")
+    n_outputs = {}
+    for node in src.graph.find_nodes(op="call_module"):
+        if node.target in blocks:
+            sub = src.get_submodule(node.target)
+            n_outputs[node.target] = len(next(iter(sub.graph.find_nodes(op="output"))).args[0])
+    caches = {name: [graph.placeholder(f"cache_{blocks[name]}_{k}") for k in range(n)]
+              for name, n in sorted(n_outputs.items(), key=lambda kv: blocks[kv[0]])}
+    stats: list[fx.Node] = [None] * len(blocks)  # type: ignore[list-item]
+    new_caches: list[fx.Node] = []
+    aliased = _aliased_segment_outputs(src, set(blocks))
+    unaliased: dict[fx.Node, fx.Node] = {}
+    for node in src.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node in aliased:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+            unaliased[node] = graph.call_method("clone", (env[node],))
+            continue
+        if node.op == "call_module" and node.target in blocks:
+            l, n = blocks[node.target], n_outputs[node.target]
+            sub = src.get_submodule(node.target)
+            setattr(root, f"compute_{l}", _branch(n, len(node.args), with_change_metric(sub, n)))
+            setattr(root, f"reuse_{l}", _branch(n, len(node.args), None))
+            compute = graph.get_attr(f"compute_{l}")
+            reuse = graph.get_attr(f"reuse_{l}")
+            pred = graph.call_function(operator.getitem, (mask, l))
+            operands = (*caches[node.target], *[unaliased.get(a, env[a]) for a in node.args])
+            result = graph.call_function(torch.ops.higher_order.cond, (pred, reuse, compute, operands))
+            env[node] = result
+            stats[l] = graph.call_function(operator.getitem, (result, n))
+            new_caches.extend(graph.call_function(operator.getitem, (result, k)) for k in range(n))
+            continue
+        if node.op == "call_module":
+            setattr(root, node.target, src.get_submodule(node.target))
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    out = next(iter(src.graph.find_nodes(op="output"))).args[0]
+    stacked = graph.call_function(torch.stack, (tuple(stats),))
+    graph.output((*[env[o] if isinstance(o, fx.Node) else o for o in out], stacked, *new_caches))
+    gm = fx.GraphModule(root, graph)
+    gm.graph.lint()
+    return gm

@@ -1,0 +1,88 @@
+"""Partition: cut a graph into prologue | block_0 | glue | block_1 | ... | epilogue.
+
+Assumes ``stack`` came from ``find_blocks(gm)`` on this very graph, so that each block is
+a contiguous run of nodes and partition ids rise monotonically in node order (which is
+what ``split_module_simple`` needs).
+
+Guarantees: the returned ``Segmented.gm`` computes the same outputs as ``gm`` from the same
+placeholders; each block is one ``call_module`` of a submodule that returns a tuple of the
+block's outputs in ``Block.outputs`` order; every other segment is a submodule too. ``gm``
+itself is not modified (Dynamo reads its metadata after the backend returns).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module_simple
+
+from foresight_compile.passes.blocks import BlockStack
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmented:
+    gm: fx.GraphModule
+    block_submods: tuple[str, ...]  # submodule name of block l
+    # Per block, per output: the served cache must be cloned (it escapes to the graph
+    # output or is mutated in place downstream).
+    needs_clone: tuple[tuple[bool, ...], ...]
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def partition_blocks(gm: fx.GraphModule, stack: BlockStack) -> Segmented:
+    block_of = stack.block_of()
+    node_to_partition: dict[fx.Node, int] = {}
+    current = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node in block_of:
+            current = 2 * block_of[node] + 1
+        elif current % 2 == 1:
+            current += 1  # first glue node after a block
+        node_to_partition[node] = current
+    # split_module_simple returns a bare value for one-output partitions: make every
+    # segment return a tuple so the executor treats all segments alike.
+    split = split_module_simple(gm, node_to_partition, partition_affix="fc")
+    for node in list(split.graph.find_nodes(op="call_module")):
+        _force_tuple_output(split, node.target)
+    block_submods = tuple(f"submod_fc_{2 * b.index + 1}" for b in stack.blocks)
+    output_node = next(iter(gm.graph.find_nodes(op="output")))
+    returned = set(output_node.all_input_nodes)
+    needs_clone = []
+    for b, name in zip(stack.blocks, block_submods):
+        by_name = {o.name: o for o in b.outputs}
+        sub_out = next(iter(getattr(split, name).graph.find_nodes(op="output"))).args[0]
+        needs_clone.append(tuple(
+            # An output we cannot trace back is cloned: serving a copy is always safe.
+            o.name not in by_name or by_name[o.name] in returned
+            or any(_is_inplace(u) for u in by_name[o.name].users)
+            for o in sub_out))
+    split.graph.lint()
+    split.recompile()
+    return Segmented(gm=split, block_submods=block_submods, needs_clone=tuple(needs_clone))
+
+
+def _force_tuple_output(split: fx.GraphModule, name: str) -> None:
+    sub: fx.GraphModule = getattr(split, name)
+    out = next(iter(sub.graph.find_nodes(op="output")))
+    if isinstance(out.args[0], (tuple, list)):
+        return
+    out.args = ((out.args[0],),)
+    sub.recompile()
+    (call,) = split.graph.find_nodes(op="call_module", target=name)
+    with split.graph.inserting_after(call):
+        item = split.graph.call_function(operator.getitem, (call, 0))
+    call.replace_all_uses_with(item, delete_user_cb=lambda u: u is not item)

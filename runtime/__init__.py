@@ -1,0 +1,1 @@
+"""Runtime: reuse controller, policies, cache buffers and executors."""

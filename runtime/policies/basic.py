@@ -1,0 +1,33 @@
+"""The two simple policies: ``none`` (never reuse) and ``static`` (FORA-like)."""
+from __future__ import annotations
+
+import torch
+
+from foresight_compile.runtime.policies import register_policy
+from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
+
+
+@register_policy("none")
+class NoReuse(ReusePolicy):
+    """Never reuse: the overhead and equivalence baseline."""
+
+    needs_cache = False
+
+    def computes_all(self, step: int, warmup: int | None) -> bool:
+        return True
+
+    def reusable(self, state: PolicyState) -> torch.Tensor:
+        return torch.zeros(state.thresholds.shape, dtype=torch.bool, device=state.thresholds.device)
+
+
+@register_policy("static")
+class StaticReuse(ReusePolicy):
+    """Compute every block on steps ``s < W`` and ``(s - W) % N == 0``; reuse all otherwise."""
+
+    def computes_all(self, step: int, warmup: int | None) -> bool:
+        if warmup is None or step < warmup:
+            return True
+        return (step - warmup) % self.options.recompute_every == 0
+
+    def reusable(self, state: PolicyState) -> torch.Tensor:
+        return torch.ones(state.thresholds.shape, dtype=torch.bool, device=state.thresholds.device)

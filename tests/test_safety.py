@@ -1,0 +1,145 @@
+"""The cache never serves a stale, wrong-shaped or non-finite tensor; fallbacks are loud once."""
+import warnings
+
+import pytest
+import torch
+
+import foresight_compile
+from foresight_compile import ForesightFallbackWarning, NotCompiledError, Options
+from foresight_compile.runtime.controller import ReuseController
+from foresight_compile.runtime.policies import get_policy
+from toy import ToyDiT
+
+STATIC = {"policy": "static", "warmup": 2, "recompute_every": 3, "lowering": "eager", "strict": True}
+
+
+def _step(model, x, t):
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([t]))[0]
+
+
+def test_shape_change_mid_generation_starts_fresh_and_matches_uncached():
+    torch.manual_seed(0)
+    model = ToyDiT(layers=3).eval()
+    fast = torch.compile(model, backend="foresight", options=STATIC)
+    x = torch.randn(1, 4, 8)
+    for i, t in enumerate([1000.0, 900.0, 800.0, 700.0]):  # step 3 reuses everything
+        _step(fast, x, t)
+    assert foresight_compile.stats(fast).mask[3] == [True, True, True]
+    y = torch.randn(2, 6, 8)  # new batch and token count, timestep still decreasing
+    out = _step(fast, y, 600.0)
+    s = foresight_compile.stats(fast)
+    assert s.mask[-1] == [False, False, False] and s.step[-1] == 0
+    torch.testing.assert_close(out, _step(model, y, 600.0), rtol=1e-6, atol=1e-6)
+
+
+def test_new_generation_never_reuses_the_previous_generations_cache():
+    torch.manual_seed(0)
+    model = ToyDiT(layers=2).eval()
+    fast = torch.compile(model, backend="foresight", options=STATIC)
+    x = torch.randn(1, 4, 8)
+    for t in [1000.0, 900.0, 800.0, 700.0]:
+        _step(fast, x, t)
+    out = _step(fast, x * 3, 1000.0)  # timestep went up: a new generation
+    assert foresight_compile.stats(fast).mask[-1] == [False, False]
+    torch.testing.assert_close(out, _step(model, x * 3, 1000.0), rtol=1e-6, atol=1e-6)
+
+
+def test_non_finite_block_outputs_are_never_served():
+    torch.manual_seed(0)
+    fast = torch.compile(ToyDiT(layers=2).eval(), backend="foresight", options=STATIC)
+    x = torch.randn(1, 4, 8)
+    bad = x.clone()
+    bad[0, 0, 0] = float("inf")
+    for t, inp in [(1000.0, x), (900.0, x), (800.0, bad), (700.0, x), (600.0, x)]:
+        _step(fast, inp, t)
+    mask = foresight_compile.stats(fast).mask
+    assert mask[3] == [False, False]  # static says reuse, but the cache holds inf
+    assert mask[4] == [True, True]  # recomputed finite at step 3: reusable again
+
+
+def _controller(policy="static", **kw):
+    opts = Options(policy=policy, lowering="eager", **kw)
+    return ReuseController(2, get_policy(policy)(opts), timestep_index=1, signature_indices=[0])
+
+
+def _run(ctrl, x, t):
+    state = ctrl.begin([x, torch.tensor([t])])
+    for l in range(2):
+        if not state.mask[l]:
+            state.buffers.store(l, (x.clone(),))
+            state.policy_state.metrics[l, 1] = 1.0
+    ctrl.end(state)
+    return state
+
+
+def test_dtype_change_starts_a_new_generation_and_drops_the_cache():
+    ctrl = _controller(warmup=1, recompute_every=4)
+    x = torch.randn(3, 4)
+    _run(ctrl, x, 1000.0)
+    _run(ctrl, x, 900.0)
+    assert _run(ctrl, x, 800.0).mask == [True, True]
+    state = _run(ctrl, x.double(), 700.0)
+    assert state.mask == [False, False] and state.step == 1 and state.generation == 1
+    assert state.buffers.tensors[0][0].dtype == torch.float64
+
+
+def test_repeated_timestep_is_a_new_cfg_branch_with_its_own_state():
+    ctrl = _controller(warmup=1, recompute_every=4)
+    x = torch.randn(3, 4)
+    a = _run(ctrl, x, 1000.0)
+    b = _run(ctrl, x, 1000.0)
+    assert a is not b and (a.branch, b.branch) == (0, 1)
+    assert a.buffers.tensors[0][0].data_ptr() != b.buffers.tensors[0][0].data_ptr()
+    assert _run(ctrl, x, 900.0) is a and _run(ctrl, x, 900.0) is b
+
+
+def test_reset_forces_a_new_generation():
+    ctrl = _controller(warmup=1, recompute_every=4)
+    x = torch.randn(3, 4)
+    _run(ctrl, x, 1000.0)
+    ctrl.reset()
+    state = _run(ctrl, x, 900.0)
+    assert state.generation == 1 and state.mask == [False, False]
+
+
+def test_cache_buffers_keep_their_address_across_steps():
+    ctrl = _controller(warmup=0, recompute_every=1)
+    x = torch.randn(3, 4)
+    first = _run(ctrl, x, 1000.0).buffers.tensors[0][0].data_ptr()
+    for t in (900.0, 800.0, 700.0):
+        assert _run(ctrl, x + t, t).buffers.tensors[0][0].data_ptr() == first
+
+
+def test_model_without_blocks_runs_plain_inductor_with_one_warning():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = torch.compile(mlp, backend="foresight")
+        with torch.no_grad():
+            out = fast(x)
+            out2 = fast(x)
+    ours = [w for w in caught if issubclass(w.category, ForesightFallbackWarning)]
+    assert len(ours) == 1 and "no stack of repeated blocks" in str(ours[0].message)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        plain = torch.compile(mlp, backend="inductor")(x)
+    assert torch.equal(out, plain) and torch.equal(out, out2)
+    with pytest.raises(NotCompiledError):
+        foresight_compile.stats(fast)
+
+
+def test_strict_mode_raises_the_reason_instead_of_falling_back():
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    fast = torch.compile(mlp, backend="foresight", options={"strict": True})
+    with pytest.raises(foresight_compile.BlockDiscoveryError, match="no stack of repeated blocks"):
+        fast(torch.randn(2, 4))
+
+
+def test_stats_accepts_the_original_model_too():
+    model = ToyDiT(layers=2).eval()
+    fast = torch.compile(model, backend="foresight", options=STATIC)
+    _step(fast, torch.randn(1, 4, 8), 1000.0)
+    assert foresight_compile.stats(model).steps == foresight_compile.stats(fast).steps == 1

@@ -1,0 +1,47 @@
+"""A tiny DiT-shaped model whose blocks are cheap, for tests that need many steps."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        h = self.proj(h) * (1 + temb)
+        h = torch.nn.functional.silu(h) * torch.sigmoid(self.gate(h))
+        return x + 0.5 * h.tanh()
+
+
+class ToyDiT(nn.Module):
+    def __init__(self, dim: int = 8, layers: int = 3) -> None:
+        super().__init__()
+        self.t_embed = nn.Linear(1, dim)
+        self.blocks = nn.ModuleList(ToyBlock(dim) for _ in range(layers))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor):
+        temb = self.t_embed(timestep[:, None].float() / 1000)[:, None, :]
+        x = hidden_states
+        for block in self.blocks:
+            x = block(x, temb)
+        return (self.out(x),)
+
+
+def toy_loop(model, steps: int, shape=(1, 4, 8), seed: int = 0, start: float = 1000.0):
+    """A denoising-shaped loop: decreasing timesteps, x updated from the prediction."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    outs = []
+    with torch.no_grad():
+        for t in torch.linspace(start, 1.0, steps):
+            pred = model(hidden_states=x, timestep=t.expand(shape[0]))[0]
+            x = x - 0.05 * pred
+            outs.append(x)
+    return x, outs
