@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--policies", default="foresight,static",
+    ap.add_argument("--policies", default="none,static,foresight",
                     help="comma-separated foresight policies to compare (none, static, foresight)")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--warmup", type=int, default=8)
@@ -62,7 +62,7 @@ def main() -> None:
     for name, fn in methods.items():
         start = time.perf_counter()
         with torch.no_grad():
-            fn(**dit.inputs(torch.randn(dit.latent_shape), torch.tensor([999])))
+            fn(**dit.inputs(torch.randn(dit.latent_shape), torch.tensor([999.0])))  # loop dtype: no recompile later
         first_call[name] = time.perf_counter() - start
         print(f"  first call of {name}: {first_call[name]:.1f} s")
 

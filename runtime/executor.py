@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -34,9 +34,16 @@ class PlanStep:
     block: int  # -1: not a block
     segment: Segment
     tracked: Segment | None  # block variant that also returns [mse, finite]
-    inputs: tuple[int, ...]
+    gather: Callable[[list], tuple]  # env -> this segment's arguments
     outputs: tuple[int, ...]  # env slot per output, -1 when unused
     clone: tuple[bool, ...]
+
+
+def _gather(slots: tuple[int, ...]) -> Callable[[list], tuple]:
+    if len(slots) == 1:
+        (only,) = slots
+        return lambda env: (env[only],)
+    return operator.itemgetter(*slots)  # one C call instead of a Python loop per segment
 
 
 def _all_finite(outputs) -> torch.Tensor:
@@ -70,7 +77,7 @@ class SegmentExecutor:
             if block >= 0 and controller.policy.needs_cache:
                 tracked = compiler.segment(with_change_metric(sub, n_out))
             clone = segmented.needs_clone[block] if block >= 0 else (False,) * n_out
-            steps.append(PlanStep(block, compiler.segment(sub), tracked, inputs,
+            steps.append(PlanStep(block, compiler.segment(sub), tracked, _gather(inputs),
                                   tuple(outputs), clone))
         self.steps = tuple(steps)
         out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
@@ -95,9 +102,9 @@ class SegmentExecutor:
         env[: self.num_args] = args
         mask = state.mask
         held = state.buffers.tensors
-        metrics = state.policy_state.metrics
+        rows = state.policy_state.rows
         for step in self.steps:
-            ins = [env[i] for i in step.inputs]
+            ins = step.gather(env)
             l = step.block
             if l < 0:
                 outs = step.segment(*ins)
@@ -109,13 +116,13 @@ class SegmentExecutor:
             elif held[l] is not None:
                 result = step.tracked(*ins, *held[l])
                 outs = result[:-1]
-                metrics[l].copy_(result[-1])
+                rows[l].copy_(result[-1])
                 torch._foreach_copy_(list(held[l]), list(outs))
                 self.block_computes[l] += 1
             else:
                 outs = step.segment(*ins)
                 state.buffers.store(l, outs)
-                metrics[l, FINITE].copy_(_all_finite(outs))
+                rows[l][FINITE].copy_(_all_finite(outs))
                 self.block_computes[l] += 1
             for slot, value in zip(step.outputs, outs):
                 if slot >= 0:

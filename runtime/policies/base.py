@@ -18,6 +18,10 @@ class PolicyState:
 
     metrics: torch.Tensor  # float32 [L, 2]
     thresholds: torch.Tensor  # float32 [L]
+    rows: tuple[torch.Tensor, ...] = ()  # views metrics[l], made once: no per-step indexing
+
+    def __post_init__(self) -> None:
+        self.rows = self.metrics.unbind(0)
 
     @classmethod
     def allocate(cls, num_blocks: int, device: torch.device) -> "PolicyState":
