@@ -14,7 +14,7 @@ from foresight_compile.errors import ForesightValueError
 
 POLICIES = ("none", "static", "foresight")
 DECISIONS = ("per_layer", "prefix")
-LOWERINGS = ("inductor", "eager")
+LOWERINGS = ("inductor", "eager", "cudagraphs")
 FORMS = ("segments", "graph")
 
 
@@ -38,7 +38,8 @@ class Options:
     previous generation's length is used."""
     lowering: str = "inductor"
     """"inductor": each distinct segment compiled once by Inductor; "eager": run the
-    rewritten graph as is (fast to build; for debugging and tests)."""
+    rewritten graph as is (fast to build; for debugging and tests); "cudagraphs": Inductor
+    segments replayed as CUDA graphs over static buffers (CUDA only, form="segments")."""
     form: str = "segments"
     """"segments": the host-branch form (segments compiled separately, the executor
     branches between them); "graph": one graph with a torch.cond per block."""
@@ -46,7 +47,9 @@ class Options:
     """Raise instead of falling back to plain Inductor when the model cannot be cached."""
 
     def __post_init__(self) -> None:
-        _choice("policy", self.policy, POLICIES)
+        from foresight_compile.runtime.policies import available_policies
+
+        _choice("policy", self.policy, tuple(available_policies()))
         _choice("decision", self.decision, DECISIONS)
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("form", self.form, FORMS)

@@ -1,0 +1,210 @@
+"""The methods a benchmark compares: the baselines, ours, and the peers a user would pick.
+
+Each ``MethodSpec.prepare(model)`` returns a ``Prepared`` holding its own copy of the model
+(same weights), the callable the denoising loop calls, and how to start a new generation.
+Peers go through their public APIs: diffusers' ``enable_cache`` configs (calls run inside
+``cache_context("cond")``, which they require) and cache-dit's ``enable_cache`` when it is
+installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import re
+from typing import Any, Callable
+
+import torch
+
+from foresight_compile.errors import ForesightValueError
+
+OURS = ("none", "static", "foresight")
+PEERS = ("fbc", "pab", "taylorseer", "magcache", "cache-dit")
+BASELINES = ("inductor", "eager")
+
+
+@dataclasses.dataclass
+class Prepared:
+    call: Callable[..., Any]
+    new_generation: Callable[[], None]
+    stats_target: Any = None  # for ours: what foresight_compile.stats() accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    kind: str  # inductor | eager | none | static | foresight | fbc | pab | taylorseer | magcache | cache-dit
+    options: tuple[tuple[str, Any], ...] = ()
+    compiled: bool = False  # peers: also wrapped in torch.compile
+
+    @property
+    def family(self) -> str:
+        return "baseline" if self.kind in BASELINES else "ours" if self.kind in _ours() else "peer"
+
+    @property
+    def name(self) -> str:
+        base = self.kind + ("+compile" if self.compiled else "")
+        if self.options:
+            base += "(" + ",".join(f"{k}={v}" for k, v in self.options) + ")"
+        return base
+
+    def prepare(self, model: torch.nn.Module, steps: int, calibrate: Callable | None = None) -> Prepared:
+        model = copy.deepcopy(model)
+        if self.kind == "eager":
+            return Prepared(model, lambda: None)
+        if self.kind == "inductor":
+            return Prepared(torch.compile(model, backend="inductor"), lambda: None)
+        if self.family == "ours":
+            import foresight_compile
+            opts = {"policy": self.kind, **dict(self.options)}
+            fn = torch.compile(model, backend="foresight", options=opts)
+            return Prepared(fn, lambda: foresight_compile.reset(fn, clear_stats=True), fn)
+        if self.kind == "cache-dit":
+            return _cache_dit(model, dict(self.options), self.compiled)
+        return _diffusers_peer(self.kind, model, dict(self.options), steps, self.compiled, calibrate)
+
+
+def parse_methods(text: str, sweep: dict[str, list[Any]] | None = None) -> list[MethodSpec]:
+    """``inductor,eager,none,static,foresight,fbc,fbc+compile,...``; ``kind(key=value,...)``
+    sets options. ``sweep`` expands every method whose kind accepts the key."""
+    specs = []
+    for item in _split_top(text):
+        m = re.fullmatch(r"([a-z-]+)(\+compile)?(?:\((.*)\))?", item.strip())
+        if not m or m.group(1) not in BASELINES + _ours() + PEERS:
+            raise ForesightValueError(
+                f"unknown method {item!r}; accepted: {', '.join(BASELINES + _ours() + PEERS)} "
+                "(peers also as NAME+compile; options as NAME(key=value,...))")
+        options = tuple((k.strip(), _value(v.strip())) for k, v in
+                        (kv.split("=", 1) for kv in m.group(3).split(",") if kv.strip())) if m.group(3) else ()
+        specs.append(MethodSpec(m.group(1), options, bool(m.group(2))))
+    for key, values in (sweep or {}).items():
+        expanded = []
+        for s in specs:
+            if s.kind in _SWEEPABLE.get(key, ()):
+                expanded += [dataclasses.replace(s, options=tuple(
+                    (k, v) for k, v in s.options if k != key) + ((key, value),)) for value in values]
+            else:
+                expanded.append(s)
+        if expanded == specs:
+            raise ForesightValueError(f"--sweep {key}: no selected method takes {key!r}; "
+                                      f"it applies to {', '.join(_SWEEPABLE.get(key, ())) or 'none'}")
+        specs = expanded
+    return specs
+
+
+_SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache"), "recompute_every": ("static", "foresight"),
+              "warmup": ("static", "foresight"), "cache_interval": ("taylorseer",)}
+
+
+def _ours() -> tuple[str, ...]:
+    """Our policies: the built-in ones and any registered since (tests add TESTING_ONLY ones)."""
+    from foresight_compile.runtime.policies import available_policies
+
+    return OURS + tuple(p for p in available_policies() if p not in OURS)
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in parts + [cur] if p.strip()]
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def block_stacks(model: torch.nn.Module) -> list[str]:
+    """Names of ModuleLists of at least two container modules: the model's block stacks."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.ModuleList) and len(m) >= 2
+            and all(len(list(c.children())) > 0 for c in m)]
+
+
+class _Timestep:
+    value = 1000
+
+
+def _diffusers_peer(kind: str, model, options: dict, steps: int, compiled: bool,
+                    calibrate: Callable | None) -> Prepared:
+    from diffusers import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                           TaylorSeerCacheConfig)
+    from diffusers.hooks import HookRegistry
+
+    current = _Timestep()
+    stacks = block_stacks(model)
+    if kind == "fbc":
+        config = FirstBlockCacheConfig(**{"threshold": 0.05, **options})
+    elif kind == "pab":
+        config = PyramidAttentionBroadcastConfig(**{
+            "spatial_attention_block_skip_range": 2,
+            "spatial_attention_timestep_skip_range": (100, 800),
+            "spatial_attention_block_identifiers": tuple(stacks),
+            "current_timestep_callback": lambda: current.value, **options})
+    elif kind == "taylorseer":
+        config = TaylorSeerCacheConfig(**{
+            "cache_interval": 5, "disable_cache_before_step": 3, "taylor_factors_dtype": torch.float32,
+            "cache_identifiers": [rf"^{re.escape(s)}\.\d+$" for s in stacks], **options})
+    elif kind == "magcache":
+        ratios = options.pop("mag_ratios", None)
+        if ratios is None:
+            if calibrate is None:
+                raise ForesightValueError("magcache needs mag_ratios or a calibration run")
+            ratios = _magcache_ratios(model, steps, calibrate)
+        config = MagCacheConfig(**{"num_inference_steps": steps, "mag_ratios": ratios, **options})
+    else:
+        raise ForesightValueError(f"unknown peer {kind!r}")
+    model.enable_cache(config)
+    fn = torch.compile(model) if compiled else model
+
+    def call(**kwargs):
+        current.value = int(kwargs["timestep"].reshape(-1)[0])
+        with model.cache_context("cond"):
+            return fn(**kwargs)
+
+    def new_generation():
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+
+    return Prepared(call, new_generation)
+
+
+def _magcache_ratios(model, steps: int, calibrate: Callable) -> list[float]:
+    """MagCache's own calibration run (it prints the ratios to copy into its config)."""
+    from diffusers import MagCacheConfig
+
+    probe = copy.deepcopy(model)
+    probe.enable_cache(MagCacheConfig(num_inference_steps=steps, calibrate=True))
+    out = io.StringIO()
+
+    def call(**kwargs):
+        with probe.cache_context("cond"):
+            return probe(**kwargs)
+
+    with contextlib.redirect_stdout(out):
+        calibrate(call)
+    found = re.findall(r"\[([0-9eE.,\s+-]+)\]", out.getvalue())
+    if not found:
+        raise ForesightValueError("magcache calibration printed no ratios")
+    return [float(v) for v in found[-1].split(",")]
+
+
+def _cache_dit(model, options: dict, compiled: bool) -> Prepared:
+    try:
+        import cache_dit  # noqa: F401
+    except ImportError:
+        raise ForesightValueError(
+            "cache-dit is not installed (pip install 'foresight-compile[peers]')") from None
+    raise ForesightValueError(
+        "cache-dit on a bare transformer needs a BlockAdapter for each model family; this "
+        "benchmark does not wire it yet")

@@ -1,0 +1,155 @@
+"""The benchmark report: a dataclass with a stable JSON schema, a table, markdown, a plot.
+
+JSON schema (``schema_version`` 1)::
+
+    {"schema_version": 1, "workload": str, "steps": int, "repeats": int, "seed": int,
+     "date": ISO-8601 str, "torch": str, "diffusers": str, "threads": int,
+     "block_share": float,            # f: share of a step spent in blocks (measured)
+     "methods": [{"name": str, "kind": str, "family": "baseline"|"ours"|"peer",
+                  "options": {str: value}, "compiled": bool,
+                  "seconds": float|null,          # median seconds per generation
+                  "speedup": float|null,          # inductor seconds / seconds
+                  "compile_seconds": float|null,  # first call: trace + compile + one step
+                  "compile_ratio": float|null,    # compile_seconds / inductor's
+                  "skipped": float|null,          # 1 - attention calls / uncached attention calls
+                  "cache_bytes": int|null,        # ours: exact buffer bytes; peers: null
+                  "psnr": float|null, "ssim": float|null,  # final latent vs uncached eager
+                  "ceiling": float|null,          # 1 / (1 - block_share * skipped)
+                  "error": str|null}]}            # why a method did not run
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class MethodResult:
+    name: str
+    kind: str
+    family: str
+    options: dict[str, Any]
+    compiled: bool
+    seconds: float | None = None
+    speedup: float | None = None
+    compile_seconds: float | None = None
+    compile_ratio: float | None = None
+    skipped: float | None = None
+    cache_bytes: int | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    ceiling: float | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class BenchReport:
+    workload: str
+    steps: int
+    repeats: int
+    seed: int
+    date: str
+    torch: str
+    diffusers: str
+    threads: int
+    block_share: float | None
+    methods: list[MethodResult]
+    schema_version: int = SCHEMA_VERSION
+
+    def method(self, name: str) -> MethodResult:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(f"no method {name!r} in the report; present: {[m.name for m in self.methods]}")
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchReport":
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"bench JSON has schema_version {data.get('schema_version')!r}; "
+                             f"this version reads {SCHEMA_VERSION}")
+        fields = {f.name for f in dataclasses.fields(MethodResult)}
+        methods = [MethodResult(**{k: (math.inf if v == "inf" else v) for k, v in m.items() if k in fields})
+                   for m in data["methods"]]
+        top = {f.name for f in dataclasses.fields(cls)} - {"methods"}
+        return cls(methods=methods, **{k: v for k, v in data.items() if k in top})
+
+    def table(self) -> str:
+        head = (f"{'method':<34}{'s/gen':>7}{'speedup':>9}{'ceiling':>8}{'skipped':>8}"
+                f"{'PSNR':>7}{'SSIM':>7}{'compile s':>10}{'cache MiB':>10}")
+        lines = [f"{self.workload}: {self.steps} steps, median of {self.repeats}, "
+                 f"block share f={_f(self.block_share, '.2f')}", head]
+        for m in self.methods:
+            if m.error:
+                lines.append(f"{m.name:<34}  skipped: {m.error}")
+                continue
+            lines.append(
+                f"{m.name:<34}{_f(m.seconds, '.2f'):>7}{_f(m.speedup, '.2f', 'x'):>9}"
+                f"{_f(m.ceiling, '.2f', 'x'):>8}{_f(m.skipped, '.0%'):>8}{_f(m.psnr, '.1f'):>7}"
+                f"{_f(m.ssim, '.3f'):>7}{_f(m.compile_seconds, '.1f'):>10}"
+                f"{_f(None if m.cache_bytes is None else m.cache_bytes / 2**20, '.2f'):>10}")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        rows = ["| method | s/gen | speedup | ceiling | skipped | PSNR dB | SSIM | compile s | cache MiB |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in self.methods:
+            if m.error:
+                rows.append(f"| {m.name} | skipped: {m.error} |||||||| ")
+                continue
+            rows.append(
+                f"| {m.name} | {_f(m.seconds, '.2f')} | {_f(m.speedup, '.2f', 'x')} | "
+                f"{_f(m.ceiling, '.2f', 'x')} | {_f(m.skipped, '.0%')} | {_f(m.psnr, '.1f')} | "
+                f"{_f(m.ssim, '.3f')} | {_f(m.compile_seconds, '.1f')} | "
+                f"{_f(None if m.cache_bytes is None else m.cache_bytes / 2**20, '.2f')} |")
+        return (f"**{self.workload}**, {self.steps} steps, median of {self.repeats} generations, "
+                f"torch {self.torch}, diffusers {self.diffusers}, {self.threads} threads, "
+                f"{self.date}; block share f = {_f(self.block_share, '.2f')}\n\n" + "\n".join(rows) + "\n")
+
+    def pareto_plot(self, path: str) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+        colours = {"baseline": "tab:gray", "ours": "tab:blue", "peer": "tab:orange"}
+        for m in self.methods:
+            if m.error or m.speedup is None or m.psnr is None:
+                continue
+            y = min(m.psnr, 100.0)  # identical output: plotted at the top, not at infinity
+            ax.scatter(m.speedup, y, color=colours[m.family], s=30)
+            ax.annotate(m.name, (m.speedup, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(1.0, color="k", lw=0.5)
+        ax.set_xlabel("speedup vs torch.compile(inductor)")
+        ax.set_ylabel("PSNR of final output vs uncached (dB, capped at 100)")
+        ax.set_title(f"{self.workload}, {self.steps} steps (blue: ours, orange: peers)")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def _f(value, spec: str, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec) + suffix
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,115 @@
+"""Run methods on one workload: interleaved, median of several generations, one process."""
+from __future__ import annotations
+
+import datetime
+import re
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from foresight_compile import models
+from foresight_compile.bench.methods import MethodSpec
+from foresight_compile.bench.metrics import ceiling, psnr, ssim
+from foresight_compile.bench.report import BenchReport, MethodResult
+from foresight_compile.bench.workloads import load_workload
+
+_ATTENTION_KERNEL = re.compile(r"_scaled_dot_product_\w*attention")
+
+
+def _attention_calls(call, dit, steps: int, seed: int) -> int:
+    """Attention kernels executed in one generation: the work a method really did."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        models.denoise(call, dit, steps, seed=seed)
+    return sum(e.count for e in prof.key_averages() if _ATTENTION_KERNEL.search(e.key))
+
+
+def _block_share(dit, seed: int, repeats: int = 5) -> float:
+    """f = 1 - t(every block served from cache) / t(every block computed), with our executor."""
+    import copy
+
+    fn = torch.compile(copy.deepcopy(dit.model), backend="foresight",
+                       options={"policy": "static", "warmup": 1, "recompute_every": 10**9})
+    x = torch.randn(dit.latent_shape, generator=torch.Generator().manual_seed(seed))
+    computed, reused = [], []
+    with torch.no_grad():
+        for t in (999.0, 998.0, 997.0):  # compile; steps 0-1 compute; from step 2 all reused
+            fn(**dit.inputs(x, torch.tensor([t])))
+        for r in range(repeats):
+            import foresight_compile
+            foresight_compile.reset(fn)
+            start = time.perf_counter()
+            fn(**dit.inputs(x, torch.tensor([900.0])))  # step 0: every block computes
+            computed.append(time.perf_counter() - start)
+            fn(**dit.inputs(x, torch.tensor([899.0])))  # step 1: computes (refresh)
+            start = time.perf_counter()
+            fn(**dit.inputs(x, torch.tensor([898.0])))  # step 2: every block reused
+            reused.append(time.perf_counter() - start)
+    return max(0.0, 1.0 - statistics.median(reused) / statistics.median(computed))
+
+
+def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats: int = 5,
+              seed: int = 0, progress: bool = True, name: str | None = None) -> BenchReport:
+    """Run every method on ``workload``; see ``report.BenchReport`` for what is measured."""
+    import diffusers
+
+    dit = load_workload(workload) if isinstance(workload, str) else workload
+    label = name or (workload if isinstance(workload, str) else type(workload).__name__)
+    # Every method is a new backend on the same code object: give Dynamo room for all.
+    limit = max(64, 4 * len(methods))
+    with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit * 8):
+        return _run(dit, label, methods, steps, repeats, seed, progress, diffusers.__version__)
+
+
+def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version) -> BenchReport:
+    reference = models.denoise(dit.model, dit, steps, seed=seed)
+    uncached_attention = _attention_calls(dit.model, dit, steps, seed)
+    results = {s.name: MethodResult(s.name, s.kind, s.family, dict(s.options), s.compiled)
+               for s in methods}
+    prepared, outputs, times = {}, {}, {s.name: [] for s in methods}
+    calibrate = lambda call: models.denoise(call, dit, steps, seed=seed)  # noqa: E731
+    for spec in tqdm(methods, desc="prepare + compile", disable=not progress):
+        try:
+            p = spec.prepare(dit.model, steps, calibrate)
+            start = time.perf_counter()
+            models.denoise(p.call, dit, 1, seed=seed)
+            results[spec.name].compile_seconds = time.perf_counter() - start
+            prepared[spec.name] = p
+        except Exception as e:  # a peer that cannot run on this model is reported, not fatal
+            results[spec.name].error = f"{type(e).__name__}: {e}"[:300]
+    for r in tqdm(range(repeats + 1), desc="interleaved generations", disable=not progress):
+        for name, p in prepared.items():
+            p.new_generation()
+            start = time.perf_counter()
+            outputs[name] = models.denoise(p.call, dit, steps, seed=seed)
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    block_share = _block_share(dit, seed)
+    base = results.get("inductor")
+    base_seconds = statistics.median(times["inductor"]) if "inductor" in prepared else None
+    for name, p in tqdm(prepared.items(), desc="fidelity + work", disable=not progress):
+        res = results[name]
+        res.seconds = statistics.median(times[name])
+        if base_seconds:
+            res.speedup = base_seconds / res.seconds
+        if base is not None and base.compile_seconds:
+            res.compile_ratio = res.compile_seconds / base.compile_seconds
+        res.psnr = psnr(outputs[name], reference)
+        res.ssim = ssim(outputs[name], reference)
+        p.new_generation()
+        done = _attention_calls(p.call, dit, steps, seed)
+        res.skipped = max(0.0, 1.0 - done / uncached_attention) if uncached_attention else None
+        if p.stats_target is not None:
+            import foresight_compile
+            res.cache_bytes = foresight_compile.stats(p.stats_target).cache_bytes
+        if res.skipped is not None:
+            res.ceiling = ceiling(block_share, res.skipped)
+    return BenchReport(
+        workload=label, steps=steps, repeats=repeats, seed=seed,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, diffusers=diffusers_version, threads=torch.get_num_threads(),
+        block_share=block_share, methods=list(results.values()))

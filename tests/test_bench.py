@@ -1,0 +1,154 @@
+"""bench and check: numbers come from real runs; gates catch disabled or stale reuse."""
+import json
+
+import pytest
+import torch
+
+from foresight_compile.bench import BenchReport, check_report, run_bench
+from foresight_compile.bench.check import ThresholdsError, load_thresholds
+from foresight_compile.bench.methods import MethodSpec, parse_methods
+from foresight_compile.cli import main
+from foresight_compile.runtime.policies import register_policy
+from foresight_compile.runtime.policies.basic import StaticReuse
+
+STEPS = 12
+
+
+@register_policy("stale_TESTING_ONLY")
+class StaleCacheTESTING_ONLY(StaticReuse):
+    """Serves step 0's cache for the rest of the generation: what a stale-cache bug does."""
+
+    def computes_all(self, step, warmup):
+        return step == 0
+
+
+@pytest.fixture(scope="module")
+def report():
+    torch._dynamo.reset()
+    methods = [MethodSpec("eager"), MethodSpec("none", (("lowering", "eager"),)),
+               MethodSpec("static", (("lowering", "eager"), ("warmup", 2), ("recompute_every", 3))),
+               MethodSpec("fbc", (("threshold", 0.5),))]
+    rep = run_bench("wan", methods, steps=STEPS, repeats=1, progress=False)
+    yield rep
+    torch._dynamo.reset()
+
+
+pytestmark = pytest.mark.shared_dynamo
+
+
+def test_method_that_skips_nothing_reports_zero_skipped_and_exact_output(report):
+    none = report.method("none(lowering=eager)")
+    assert none.skipped == 0.0 and none.psnr == float("inf") and none.cache_bytes == 0
+    assert report.method("eager").skipped == 0.0
+
+
+def test_static_reuse_is_measured_from_the_work_done(report):
+    static = report.method("static(lowering=eager,warmup=2,recompute_every=3)")
+    # steps 0,1 warm up; then compute every 3rd step: 2, 5, 8, 11 -> 6 of 12 steps reused
+    assert static.skipped == pytest.approx(6 / 12)
+    assert 10 < static.psnr < float("inf") and 0 < static.ssim <= 1
+    assert static.cache_bytes == 2 * 512 * 24 * 4
+    assert static.ceiling >= 1.0
+
+
+def test_peer_runs_through_its_public_api(report):
+    fbc = report.method("fbc(threshold=0.5)")
+    assert fbc.error is None and fbc.seconds > 0 and fbc.skipped is not None
+
+
+def test_report_json_schema_is_stable(report, tmp_path):
+    data = json.loads(report.to_json())
+    assert data["schema_version"] == 1
+    assert set(data) == {"schema_version", "workload", "steps", "repeats", "seed", "date", "torch",
+                         "diffusers", "threads", "block_share", "methods"}
+    assert set(data["methods"][0]) == {"name", "kind", "family", "options", "compiled", "seconds",
+                                       "speedup", "compile_seconds", "compile_ratio", "skipped",
+                                       "cache_bytes", "psnr", "ssim", "ceiling", "error"}
+    again = BenchReport.from_dict(data)
+    assert [m.name for m in again.methods] == [m.name for m in report.methods]
+    path = tmp_path / "pareto.png"
+    report.pareto_plot(str(path))
+    assert path.stat().st_size > 5000
+
+
+def test_stale_cache_drops_psnr_below_the_gate_and_disabled_reuse_fails_skipped():
+    torch._dynamo.reset()
+    gates = {"gate": [{"method": "static(lowering=eager)", "min_psnr": 45.0, "min_skipped": 0.1},
+                      {"method": "stale_TESTING_ONLY(lowering=eager)", "min_psnr": 45.0}]}
+    good = run_bench("wan", [MethodSpec("static", (("lowering", "eager"),)),
+                             MethodSpec("stale_TESTING_ONLY", (("lowering", "eager"),))],
+                     steps=STEPS, repeats=1, progress=False)
+    result = check_report(good, gates)
+    assert [f for f in result.failed if "stale" in f] and not [f for f in result.failed if "static(" in f]
+    # reuse disabled: the static policy never reuses
+    torch._dynamo.reset()
+    original = StaticReuse.computes_all
+    StaticReuse.computes_all = lambda self, step, warmup: True
+    try:
+        disabled = run_bench("wan", [MethodSpec("static", (("lowering", "eager"),))],
+                             steps=STEPS, repeats=1, progress=False)
+    finally:
+        StaticReuse.computes_all = original
+    failed = check_report(disabled, {"gate": gates["gate"][:1]}).failed
+    assert any("skipped 0 < min_skipped" in f for f in failed)
+
+
+def _report_file(tmp_path, speedup=1.3, psnr=45.0):
+    data = {"schema_version": 1, "workload": "wan-ci", "steps": 30, "repeats": 5, "seed": 0,
+            "date": "2026-11-22", "torch": "2.13.0", "diffusers": "0.42.1", "threads": 2,
+            "block_share": 0.9, "methods": [
+                {"name": "static", "kind": "static", "family": "ours", "options": {}, "compiled": False,
+                 "seconds": 1.0, "speedup": speedup, "compile_seconds": 5.0, "compile_ratio": 0.2,
+                 "skipped": 0.4, "cache_bytes": 1000, "psnr": psnr, "ssim": 0.99, "ceiling": 1.5,
+                 "error": None}]}
+    path = tmp_path / f"r{speedup}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _thresholds(tmp_path, text):
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_exit_codes_pass_fail_and_bad_input(tmp_path, capsys):
+    gates = '[[gate]]\nmethod = "static"\nmin_speedup = 1.2\nmin_psnr = 40\n'
+    assert main(["check", "--thresholds", _thresholds(tmp_path, gates),
+                 "--results", str(_report_file(tmp_path))]) == 0
+    assert main(["check", "--thresholds", _thresholds(tmp_path, gates),
+                 "--results", str(_report_file(tmp_path, speedup=1.05))]) == 1
+    out = capsys.readouterr().out
+    assert "speedup 1.05 < min_speedup 1.2 (by 0.15)" in out
+    assert main(["check", "--thresholds", str(tmp_path / "missing.toml"),
+                 "--results", str(_report_file(tmp_path))]) == 2
+    assert main(["check", "--thresholds", _thresholds(tmp_path, '[[gate]]\nmethod = "static"\nmin_sped = 1\n'),
+                 "--results", str(_report_file(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "unknown key 'min_sped'" in err
+
+
+def test_check_against_a_reference_report(tmp_path):
+    ref = _report_file(tmp_path, speedup=1.5)
+    text = f'[reference]\nresults = "{ref.name}"\nmax_speedup_drop = 0.1\nmax_psnr_drop = 1.0\n'
+    thresholds = load_thresholds(_thresholds(tmp_path, text))
+    now = BenchReport.from_dict(json.loads(_report_file(tmp_path, speedup=1.2, psnr=44.5).read_text()))
+    result = check_report(now, thresholds)
+    assert any("drop 20.0%" in f for f in result.failed)
+    assert any("PSNR" in p for p in result.passed)
+
+
+def test_gate_for_a_missing_method_is_bad_input(tmp_path):
+    rep = BenchReport.from_dict(json.loads(_report_file(tmp_path).read_text()))
+    with pytest.raises(ThresholdsError, match="'foresight'"):
+        check_report(rep, {"gate": [{"method": "foresight", "min_psnr": 1}]})
+
+
+def test_method_parsing_and_sweep():
+    specs = parse_methods("inductor,foresight(threshold=0.5),fbc+compile", {"threshold": [0.1, 1.0]})
+    assert [s.name for s in specs] == ["inductor", "foresight(threshold=0.1)", "foresight(threshold=1.0)",
+                                       "fbc+compile(threshold=0.1)", "fbc+compile(threshold=1.0)"]
+    with pytest.raises(ValueError, match="unknown method 'turbo'"):
+        parse_methods("turbo")
+    with pytest.raises(ValueError, match="no selected method takes 'threshold'"):
+        parse_methods("static", {"threshold": [1.0]})
