@@ -1,13 +1,17 @@
 """Public run-time API: ``stats(model)`` and ``reset(model)``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
+from typing import Iterator
 
 import torch
 
-from foresight_compile.errors import NotCompiledError
+from foresight_compile.errors import ForesightValueError, NotCompiledError
 from foresight_compile.program import ForesightProgram, programs_of
+from foresight_compile.runtime.controller import call_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,30 @@ def stats(model: torch.nn.Module) -> Stats:
         compile_seconds=sum(p.compile_seconds for p in programs),
         policy=programs[-1].options.policy,
     )
+
+
+_GENERATIONS = itertools.count(1)
+
+
+@contextlib.contextmanager
+def generation(num_steps: int | None = None) -> Iterator[None]:
+    """Calls inside the block form one generation of ``num_steps`` steps in every branch.
+
+    Entering starts a new generation (each branch recomputes every block at its next call)
+    and tells the controller the step count, so a fractional ``warmup`` resolves at once.
+    """
+    with call_context(generation=next(_GENERATIONS), num_steps=num_steps):
+        yield
+
+
+@contextlib.contextmanager
+def branch(name: str) -> Iterator[None]:
+    """Calls inside the block belong to the CFG branch ``name`` ("cond", "uncond"), whatever
+    their order within a step; each name has its own state and cache."""
+    if not isinstance(name, str) or not name:
+        raise ForesightValueError(f"branch name must be a non-empty str, got {name!r}")
+    with call_context(branch=name):
+        yield
 
 
 def reset(model: torch.nn.Module, clear_stats: bool = False) -> None:

@@ -16,7 +16,9 @@ One controller serves one compiled graph. Each call of the graph is one model ev
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
+import threading
 import dataclasses
 import logging
 import math
@@ -33,6 +35,40 @@ MAX_RECORDS = 100_000
 
 
 _CALLS = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class CallContext:
+    """What a pipeline integration knows about the calls it makes, so nothing is guessed.
+
+    ``generation``: a token; a branch whose last call saw another token starts a new
+    generation. ``num_steps``: the generation's step count (resolves a fractional warmup).
+    ``branch``: a CFG branch name (diffusers' ``cache_context`` name); calls under a name
+    share that branch's state whatever their order.
+    """
+
+    generation: int | None = None
+    num_steps: int | None = None
+    branch: str | None = None
+
+
+_LOCAL = threading.local()
+
+
+def current_context() -> CallContext | None:
+    return getattr(_LOCAL, "context", None)
+
+
+@contextlib.contextmanager
+def call_context(**fields):
+    """Within the block, model calls carry ``fields`` (merged over the enclosing context)."""
+    previous = current_context()
+    merged = dataclasses.replace(previous or CallContext(), **fields)
+    _LOCAL.context = merged
+    try:
+        yield merged
+    finally:
+        _LOCAL.context = previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +114,7 @@ class BranchState:
         self.buffers = CacheBuffers(num_blocks)
         self.next_mask = HostMask(num_blocks, device)
         self.generation = -1
+        self.generation_token: int | None = None
         self.signature: tuple | None = None
         self.last_timestep = math.inf
         self.previous_length: int | None = None
@@ -110,7 +147,8 @@ class ReuseController:
         self.policy = policy
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
-        self.branches: list[BranchState] = []
+        self.branches: list[BranchState] = []  # in creation order; index = branch id
+        self._by_key: dict[tuple, BranchState] = {}
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=MAX_RECORDS)
         self._previous_timestep: float | None = None
         self._branch = 0
@@ -142,18 +180,25 @@ class ReuseController:
             for s in self.branches:
                 s.signature = None  # forces a reset at the branch's next call
             self._force_new = False
-        if timestep == self._previous_timestep:
-            self._branch += 1
+        context = current_context()
+        if context is not None and context.branch is not None:
+            key = ("name", context.branch)
+            self._previous_timestep = None  # named branches: call order means nothing
         else:
-            self._branch = 0
-        self._previous_timestep = timestep
-        while len(self.branches) <= self._branch:
+            self._branch = self._branch + 1 if timestep == self._previous_timestep else 0
+            self._previous_timestep = timestep
+            key = ("order", self._branch)
+        state = self._by_key.get(key)
+        if state is None:
             device = ts.device if isinstance(ts, torch.Tensor) else torch.device("cpu")
-            self.branches.append(BranchState(len(self.branches), self.num_blocks, device))
-        state = self.branches[self._branch]
+            state = self._by_key[key] = BranchState(len(self.branches), self.num_blocks, device)
+            self.branches.append(state)
         signature = self._signature(args)
-        if signature != state.signature or not timestep < state.last_timestep:
-            self._start_generation(state, signature)
+        token = context.generation if context is not None else None
+        if (signature != state.signature or not timestep < state.last_timestep
+                or token != state.generation_token):
+            self._start_generation(state, signature, context)
+            state.generation_token = token
         state.last_timestep = timestep
         if self.policy.computes_all(state.step, state.warmup):
             state.mask = [False] * self.num_blocks
@@ -164,9 +209,14 @@ class ReuseController:
             state.mask = [False] * self.num_blocks
         return state
 
-    def _start_generation(self, state: BranchState, signature: tuple) -> None:
+    def _start_generation(self, state: BranchState, signature: tuple,
+                          context: CallContext | None) -> None:
         state.reset(signature)
-        state.warmup = self.policy.options.warmup_steps(state.previous_length)
+        # The pipeline knows best, then the user's option, then the last generation's length.
+        options = self.policy.options
+        total = (context.num_steps if context is not None else None) or options.num_steps \
+            or state.previous_length
+        state.warmup = options.warmup_steps(total)
         if state.warmup is None and self.policy.needs_cache and not self._warned_warmup:
             self._warned_warmup = True
             warnings.warn(

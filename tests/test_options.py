@@ -35,7 +35,7 @@ def test_fractional_warmup_resolves_against_step_count():
     opts = Options(warmup=0.2)
     assert opts.warmup_steps(None) is None
     assert opts.warmup_steps(50) == 10
-    assert Options(warmup=0.2, num_steps=30).warmup_steps(50) == 6
+    assert Options(warmup=0.2, num_steps=30).warmup_steps(30) == 6
     assert Options(warmup=5).warmup_steps(50) == 5
 
 

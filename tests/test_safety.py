@@ -143,3 +143,39 @@ def test_stats_accepts_the_original_model_too():
     fast = torch.compile(model, backend="foresight", options=STATIC)
     _step(fast, torch.randn(1, 4, 8), 1000.0)
     assert foresight_compile.stats(model).steps == foresight_compile.stats(fast).steps == 1
+
+
+def test_named_branches_and_generation_context_replace_guessing():
+    from foresight_compile.runtime.controller import call_context
+
+    ctrl = _controller(warmup=0.5, recompute_every=4)
+    x = torch.randn(3, 4)
+    with call_context(generation=1, num_steps=4):
+        with call_context(branch="uncond"):
+            u = _run(ctrl, x, 1000.0)
+        with call_context(branch="cond"):
+            c = _run(ctrl, x, 1000.0)
+        with call_context(branch="cond"):
+            assert _run(ctrl, x, 900.0) is c  # by name, not by call order
+        assert u.warmup == c.warmup == 2  # fraction resolved from the pipeline's step count
+    first_generation = c.generation
+    with call_context(generation=2, num_steps=4, branch="cond"):
+        again = _run(ctrl, x, 800.0)  # a new generation although t kept falling
+    assert again is c and again.generation == first_generation + 1 and again.step == 1
+
+
+def test_generation_api_starts_fresh_generations():
+    torch.manual_seed(0)
+    model = ToyDiT(layers=2).eval()
+    fast = torch.compile(model, backend="foresight", options=STATIC)
+    x = torch.randn(1, 4, 8)
+    with foresight_compile.generation(num_steps=3):
+        for t in (1000.0, 900.0, 800.0):
+            _step(fast, x, t)
+    with foresight_compile.generation(num_steps=3):
+        _step(fast, x, 700.0)
+    s = foresight_compile.stats(fast)
+    assert s.step == [0, 1, 2, 0] and s.generation[-1] == s.generation[0] + 1
+    with pytest.raises(ValueError, match="branch name"):
+        with foresight_compile.branch(""):
+            pass
