@@ -6,13 +6,13 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
 above needs no import. This module adds the run-time API: ``stats(model)`` and
 ``reset(model)``.
 """
-from foresight_compile.api import Stats, reset, stats
+from foresight_compile.api import Stats, branch, generation, reset, stats
 from foresight_compile.backend import ForesightFallbackWarning, foresight_backend
 from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
 from foresight_compile.options import Options
 
-__all__ = ["stats", "reset", "Stats", "Options", "foresight_backend", "ForesightError",
+__all__ = ["stats", "reset", "generation", "branch", "Stats", "Options", "foresight_backend", "ForesightError",
            "ForesightValueError", "BlockDiscoveryError", "NotCompiledError",
            "ForesightFallbackWarning"]
 __version__ = "0.1.0"

@@ -91,13 +91,13 @@ class Options:
         return cls(**options)
 
     def warmup_steps(self, total_steps: int | None) -> int | None:
-        """Warmup in steps; None when it is a fraction and the step count is unknown."""
+        """Warmup in steps for a generation of ``total_steps`` steps (None: unknown, and
+        then a fractional warmup cannot be resolved: None)."""
         if isinstance(self.warmup, int):
             return self.warmup
-        total = self.num_steps or total_steps
-        if total is None:
+        if total_steps is None:
             return None
-        return max(2 if self.policy == "foresight" else 0, round(self.warmup * total))
+        return max(2 if self.policy == "foresight" else 0, round(self.warmup * total_steps))
 
 
 def _choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
