@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 from typing import Iterator
 
 import torch
@@ -34,6 +35,10 @@ class Stats:
     block_computes: list[int]
     compile_seconds: float
     policy: str
+    # Per evaluation, per block: the change metric (MSE against the cache) and threshold
+    # after the evaluation; None for policies that compute no metric.
+    change: list[list[float] | None] = dataclasses.field(default_factory=list)
+    thresholds: list[list[float] | None] = dataclasses.field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -50,7 +55,21 @@ class Stats:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        """The same data as ``plot``: JSON (infinite or NaN metrics become null)."""
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        return json.dumps({k: clean(v) for k, v in self.to_dict().items()})
+
+    def plot(self, path: str) -> str:
+        """Write the reuse map (PNG): evaluations x blocks, computed vs reused, the change
+        metric as colour with thresholds marked. Returns ``path``."""
+        from foresight_compile.reuse_map import plot_reuse_map
+        plot_reuse_map(self, path)
+        return path
 
     def __str__(self) -> str:
         return (f"foresight stats: policy={self.policy} evaluations={self.steps} "
@@ -83,6 +102,8 @@ def stats(model: torch.nn.Module) -> Stats:
         block_computes=[sum(c) for c in zip(*(p.executor.block_computes for p in programs))],
         compile_seconds=sum(p.compile_seconds for p in programs),
         policy=programs[-1].options.policy,
+        change=[None if r.change is None else r.change.tolist() for r in rows],
+        thresholds=[None if r.thresholds is None else r.thresholds.tolist() for r in rows],
     )
 
 

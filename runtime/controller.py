@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from foresight_compile.runtime.buffers import CacheBuffers
-from foresight_compile.runtime.policies.base import FINITE, PolicyState, ReusePolicy
+from foresight_compile.runtime.policies.base import FINITE, MSE, PolicyState, ReusePolicy
 
 log = logging.getLogger(__name__)
 MAX_RECORDS = 100_000
@@ -79,6 +79,10 @@ class StepRecord:
     step: int
     timestep: float
     reused: tuple[bool, ...]
+    # Device snapshots of the change metric (MSE per block) and the thresholds after the
+    # step: read on the host only when stats are asked for, so recording never syncs.
+    change: torch.Tensor | None = None
+    thresholds: torch.Tensor | None = None
 
 
 class HostMask:
@@ -228,9 +232,12 @@ class ReuseController:
 
     def end(self, state: BranchState) -> None:
         """Called after a model evaluation whose computed blocks wrote their metrics."""
-        self.records.append(StepRecord(next(_CALLS), state.generation, state.branch, state.step,
-                                       state.last_timestep, tuple(state.mask)))
         self.policy.observe(state.step, state.warmup, state.policy_state)
+        ps = state.policy_state
+        change = ps.metrics[:, MSE].clone() if self.policy.needs_metric else None
+        thresholds = ps.thresholds.clone() if self.policy.needs_metric else None
+        self.records.append(StepRecord(next(_CALLS), state.generation, state.branch, state.step,
+                                       state.last_timestep, tuple(state.mask), change, thresholds))
         state.step += 1
         if not self.policy.computes_all(state.step, state.warmup):
             ps = state.policy_state
