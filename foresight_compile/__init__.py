@@ -11,8 +11,9 @@ from foresight_compile.backend import ForesightFallbackWarning, foresight_backen
 from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
 from foresight_compile.options import Options
+from foresight_compile.pipelines import optimize, restore
 
-__all__ = ["stats", "reset", "generation", "branch", "Stats", "Options", "foresight_backend", "ForesightError",
+__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore", "Stats", "Options", "foresight_backend", "ForesightError",
            "ForesightValueError", "BlockDiscoveryError", "NotCompiledError",
            "ForesightFallbackWarning"]
 __version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""optimize()/restore() on real diffusers pipelines built from small random components."""
+import diffusers
+import pytest
+import torch
+
+import foresight_compile
+from foresight_compile import models
+from foresight_compile.pipelines import optimize, restore
+
+
+def wan_pipe():
+    dit = models.wan(layers=2)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=dit.model,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    text = dict(prompt_embeds=torch.randn(1, 12, 16), negative_prompt_embeds=torch.randn(1, 12, 16))
+    return pipe, lambda steps, size: pipe(**text, height=size, width=size, num_frames=9,
+                                          num_inference_steps=steps, guidance_scale=5.0,
+                                          output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+
+
+def cogvideox_pipe():
+    dit = models.cogvideox(layers=2)
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4).eval()
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=dit.model,
+                                       scheduler=diffusers.CogVideoXDDIMScheduler())
+    text = dict(prompt_embeds=torch.randn(1, 8, 8), negative_prompt_embeds=torch.randn(1, 8, 8))
+    return pipe, lambda steps, size: pipe(**text, height=size, width=size, num_frames=9,
+                                          num_inference_steps=steps, guidance_scale=5.0,
+                                          output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+
+
+def latte_pipe():
+    dit = models.latte(layers=2)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    pipe = diffusers.LattePipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=dit.model,
+                                   scheduler=diffusers.DDIMScheduler())
+    text = dict(prompt_embeds=torch.randn(1, 8, 8), negative_prompt=None,
+                negative_prompt_embeds=torch.randn(1, 8, 8))
+    return pipe, lambda steps, size: pipe(**text, height=size, width=size, video_length=8,
+                                          num_inference_steps=steps, guidance_scale=5.0,
+                                          output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+
+
+PIPES = {"wan": wan_pipe, "cogvideox": cogvideox_pipe, "latte": latte_pipe}
+
+
+@pytest.mark.parametrize("name", PIPES)
+def test_optimize_none_is_exact_and_restore_gives_back_the_module(name):
+    torch.manual_seed(0)
+    pipe, run = PIPES[name]()
+    reference = run(4, 16 if name != "wan" else 32)
+    original, cls = pipe.transformer, type(pipe)
+    assert optimize(pipe, policy="none", lowering="eager") is pipe
+    assert torch.equal(run(4, 16 if name != "wan" else 32), reference)
+    restore(pipe)
+    assert pipe.transformer is original and type(pipe) is cls
+    assert "cache_context" not in vars(original)
+    assert torch.equal(run(4, 16 if name != "wan" else 32), reference)
+
+
+@pytest.mark.parametrize("name", PIPES)
+def test_optimize_reuses_with_cfg_changing_steps_and_sizes(name):
+    torch.manual_seed(0)
+    pipe, run = PIPES[name]()
+    sizes = (32, 48) if name == "wan" else (16, 32)
+    optimize(pipe, policy="static", lowering="eager", warmup=0.25, recompute_every=3)
+    run(8, sizes[0])
+    run(12, sizes[0])
+    run(8, sizes[1])
+    s = foresight_compile.stats(pipe.transformer)
+    branches = 2 if name == "wan" else 1  # Wan names cond/uncond; the others batch CFG
+    calls = [8 * branches, 12 * branches, 8 * branches]
+    assert s.steps == sum(calls)
+    assert len(set(s.branch)) == branches
+    starts = [0, calls[0], calls[0] + calls[1]]
+    for start, steps in zip(starts, (8, 12, 8)):
+        rows = s.mask[start:start + steps * branches]
+        steps_seen = s.step[start:start + steps * branches]
+        assert steps_seen[:branches] == [0] * branches  # each call: a new generation
+        warmup = round(0.25 * steps)  # resolved from num_inference_steps of that call
+        assert not any(any(r) for r, st in zip(rows, steps_seen) if st < warmup)
+        assert any(any(r) for r in rows)
+    with pytest.raises(ValueError, match="already optimized"):
+        optimize(pipe)
+
+
+def test_optimize_validates_options_before_compiling():
+    pipe, _ = wan_pipe()
+    with pytest.raises(ValueError, match="'treshold'"):
+        optimize(pipe, treshold=0.5)
+    assert not isinstance(pipe.transformer, torch._dynamo.eval_frame.OptimizedModule)
