@@ -4,10 +4,13 @@
 
 The backend is registered through the ``torch_dynamo_backends`` entry point, so the line
 above needs no import. This module adds the run-time API: ``stats(model)`` and
-``reset(model)``.
+``reset(model)``, and the production exports: ``export_onnx`` (one ONNX ``If`` per block)
+and ``export_tensorrt`` (a TensorRT engine from that ONNX model).
 """
 from foresight_compile.api import Stats, branch, generation, reset, stats
 from foresight_compile.backend import ForesightFallbackWarning, foresight_backend
+from foresight_compile.export import export_onnx
+from foresight_compile.tensorrt import export_tensorrt
 from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
 from foresight_compile.options import Options
@@ -15,5 +18,5 @@ from foresight_compile.pipelines import optimize, restore
 
 __all__ = ["stats", "reset", "generation", "branch", "optimize", "restore", "Stats", "Options", "foresight_backend", "ForesightError",
            "ForesightValueError", "BlockDiscoveryError", "NotCompiledError",
-           "ForesightFallbackWarning"]
+           "ForesightFallbackWarning", "export_onnx", "export_tensorrt"]
 __version__ = "0.1.0"

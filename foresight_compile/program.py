@@ -70,9 +70,13 @@ class ForesightProgram:
         self.param_ids = frozenset(id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter))
         policy = get_policy(options.policy)(options)
         self.controller = ReuseController(len(self.stack), policy, timestep_index, signature_indices)
-        self.compiler = SegmentCompiler(options.lowering)
+        self.compiler = SegmentCompiler(
+            "inductor" if options.lowering == "cudagraphs" else options.lowering)
         segmented = partition_blocks(gm, self.stack)
-        if options.form == "graph":
+        if options.lowering == "cudagraphs":
+            self.executor = _cudagraph_executor(segmented, example_inputs, self.controller,
+                                                self.compiler, options)
+        elif options.form == "graph":
             self.executor = _graph_form_executor(segmented, example_inputs, self.controller, options)
         else:
             self.executor = SegmentExecutor(segmented, self.controller, self.compiler)
@@ -116,6 +120,27 @@ def _graph_form_executor(segmented: Segmented, example_inputs: Sequence,
         with exact_cond_operand_strides():
             fn = compile_fx(graph_gm, [*example_inputs, mask, *caches])
     return GraphFormExecutor(fn, controller, tuple(specs), tuple(per_block), num_outputs)
+
+
+def _cudagraph_executor(segmented: Segmented, example_inputs: Sequence,
+                        controller: ReuseController, compiler: SegmentCompiler, options: Options):
+    """The CUDA-graph executor, or a ValueError naming the option when it cannot run."""
+    from foresight_compile.backend import _surfaced
+    from foresight_compile.errors import ForesightValueError
+    from foresight_compile.runtime.cudagraphs import CudaGraphExecutor, cudagraphs_unavailable
+
+    if options.form == "graph":
+        problem = ("needs form='segments' (it captures the segments of the host-branch form), "
+                   "got form='graph'")
+    else:
+        reason = cudagraphs_unavailable(example_inputs)
+        problem = None if reason is None else (
+            f"needs CUDA: {reason} (or use lowering='inductor' or 'eager')")
+    if problem is not None:
+        # Surfaced: Dynamo would otherwise wrap it in BackendCompilerFailed, hiding the
+        # ValueError from a caller's except clause.
+        raise _surfaced(ForesightValueError(f"option 'lowering'='cudagraphs' {problem}"))
+    return CudaGraphExecutor(segmented, controller, compiler, example_inputs)
 
 
 def programs_of(model: torch.nn.Module) -> list[ForesightProgram]:

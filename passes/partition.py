@@ -63,16 +63,32 @@ def partition_blocks(gm: fx.GraphModule, stack: BlockStack) -> Segmented:
     returned = set(output_node.all_input_nodes)
     needs_clone = []
     for b, name in zip(stack.blocks, block_submods):
-        by_name = {o.name: o for o in b.outputs}
         sub_out = next(iter(getattr(split, name).graph.find_nodes(op="output"))).args[0]
-        needs_clone.append(tuple(
+        flags = []
+        for o in sub_out:
+            original = _original_of(o, b.outputs)
             # An output we cannot trace back is cloned: serving a copy is always safe.
-            o.name not in by_name or by_name[o.name] in returned
-            or any(_is_inplace(u) for u in by_name[o.name].users)
-            for o in sub_out))
+            flags.append(original is None or original in returned
+                         or any(_is_inplace(u) for u in original.users))
+        needs_clone.append(tuple(flags))
     split.graph.lint()
     split.recompile()
     return Segmented(gm=split, block_submods=block_submods, needs_clone=tuple(needs_clone))
+
+
+def _original_of(copied: fx.Node, outputs: tuple[fx.Node, ...]) -> fx.Node | None:
+    """The original block output a split-submodule output node was copied from.
+
+    The copy may be renamed, but ``node_copy`` shares the meta values, so the traced
+    example value identifies it."""
+    value = copied.meta.get("example_value", copied.meta.get("val"))
+    for o in outputs:
+        if value is not None and o.meta.get("example_value", o.meta.get("val")) is value:
+            return o
+    for o in outputs:
+        if o.name == copied.name:
+            return o
+    return None
 
 
 def _force_tuple_output(split: fx.GraphModule, name: str) -> None:

@@ -122,3 +122,25 @@ def test_partitioned_graph_computes_the_same_outputs(name):
         torch.testing.assert_close(seg.gm(*inputs)[0], gm(*inputs)[0], rtol=0, atol=0)
     gm.recompile()
     assert gm.code == before  # Dynamo's graph is left as it was handed over
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "latte"])
+def test_served_caches_are_not_copied_when_nothing_mutates_or_returns_them(name):
+    gm, _ = small_graph(name, layers=2)
+    seg = partition_blocks(gm, find_blocks(gm))
+    assert all(flag is False for flags in seg.needs_clone for flag in flags)
+
+
+def test_a_block_output_returned_to_the_caller_is_served_as_a_copy():
+    class Returns(ToyDiT):
+        def forward(self, hidden_states, timestep):
+            temb = self.t_embed(timestep[:, None].float())[:, None, :]
+            x = hidden_states
+            for block in self.blocks:
+                x = block(x, temb)
+            return (self.out(x), x)
+
+    gm, _ = dynamo_graph(Returns(layers=3), hidden_states=torch.randn(1, 4, 8),
+                         timestep=torch.tensor([1.0]))
+    seg = partition_blocks(gm, find_blocks(gm))
+    assert seg.needs_clone == ((False,), (False,), (True,))

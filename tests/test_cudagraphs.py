@@ -1,0 +1,175 @@
+"""lowering="cudagraphs": the refusal without CUDA, and the executor's buffer plan and
+schedule run on CPU with EagerCapture standing in for CUDA graph capture."""
+import pytest
+import torch
+
+import foresight_compile
+from foresight_compile import models
+from foresight_compile.errors import ForesightError
+from foresight_compile.options import Options
+from foresight_compile.passes.partition import partition_blocks
+from foresight_compile.program import ForesightProgram
+from foresight_compile.runtime.cudagraphs import (CudaGraphExecutor, EagerCapture,
+                                                  cudagraphs_unavailable, step_schedule)
+from test_blocks import small_graph
+from toy import ToyDiT
+
+OPTS = {"policy": "foresight", "warmup": 3, "recompute_every": 2, "threshold": 50.0,
+        "lowering": "eager", "strict": True}
+
+
+def test_step_schedule_replays_glue_always_and_blocks_unless_reused():
+    # prologue, block 0, glue, block 1, epilogue
+    blocks = (-1, 0, -1, 1, -1)
+    assert step_schedule(blocks, [False, False]) == tuple((k, True) for k in range(5))
+    assert step_schedule(blocks, [True, False]) == (
+        (0, True), (1, False), (2, True), (3, True), (4, True))
+    assert [r for _, r in step_schedule(blocks, [True, True])] == [True, False, True, False, True]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_cudagraphs_lowering_without_cuda_raises_value_error_naming_the_option():
+    assert "CUDA is not available" in cudagraphs_unavailable([torch.zeros(1)])
+    fast = torch.compile(ToyDiT(), backend="foresight", options={"lowering": "cudagraphs"})
+    with pytest.raises(ValueError, match="option 'lowering'='cudagraphs' needs CUDA"):
+        fast(hidden_states=torch.randn(1, 4, 8), timestep=torch.tensor([500.0]))
+    torch._dynamo.reset()
+    graph = torch.compile(ToyDiT(), backend="foresight",
+                          options={"lowering": "cudagraphs", "form": "graph"})
+    with pytest.raises(ValueError, match="needs form='segments'"):
+        graph(hidden_states=torch.randn(1, 4, 8), timestep=torch.tensor([500.0]))
+
+
+class RecordingCapture(EagerCapture):
+    """EagerCapture that logs every replay into a shared event list."""
+
+    events: list = []
+
+    def capture(self, fn):
+        index = sum(e[0] == "captured" for e in self.events)
+        self.events.append(("captured", index))
+        replay, outs = super().capture(fn)
+
+        def logged():
+            self.events.append(("replay", index))
+            replay()
+        return logged, outs
+
+
+def _program(gm, inputs, capture=EagerCapture, **options):
+    program = ForesightProgram(gm, inputs, Options(**{**OPTS, **options}))
+    segmented = partition_blocks(gm, program.stack)
+    program.executor = CudaGraphExecutor(segmented, program.controller, program.compiler, inputs,
+                                         capture=capture)
+    return program
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_executor_matches_segment_executor_decisions_and_values(name):
+    dit = models.FACTORIES[name](layers=2)
+    reference = torch.compile(dit.model, backend="foresight", options=OPTS)
+    expected = models.denoise(reference, dit, 16)
+    expected_mask = foresight_compile.stats(reference).mask
+    torch._dynamo.reset()
+    programs = []
+
+    def backend(gm, inputs, **_):
+        programs.append(_program(gm, inputs))
+        return programs[-1]
+
+    got = models.denoise(torch.compile(dit.model, backend=backend), dit, 16)
+    (program,) = programs
+    masks = [list(r.reused) for r in program.controller.records]
+    assert masks == expected_mask and any(map(any, masks))
+    changes = [r.change.tolist() for r in program.controller.records]
+    assert changes == foresight_compile.stats(reference).change  # the metrics fed back
+    assert torch.equal(got, expected)  # same segments, same order: bit for bit
+    executor = program.executor
+    computed = sum(not m for row in masks for m in row)
+    other = sum(b < 0 for b in executor.step_blocks)
+    assert executor.branches[0].replayed == 16 * other + computed
+
+
+def test_caches_are_the_compute_graphs_static_outputs_and_never_move():
+    gm, inputs = small_graph("wan", layers=2)
+    program = _program(gm, inputs)
+    executor = program.executor
+    addresses = []
+    for t in torch.linspace(999, 1, 10):
+        with torch.no_grad():  # as pipelines call the model
+            executor(*[t.expand(1) if i == program.controller.timestep_index else a
+                       for i, a in enumerate(inputs)])
+        graphs = executor.branches[0]
+        state = program.controller.branches[0]
+        assert state.buffers.tensors == graphs.caches  # the controller sees the static buffers
+        addresses.append(tuple(c.data_ptr() for cs in graphs.caches for c in cs))
+    assert len(set(addresses)) == 1 and len(executor.branches) == 1
+    assert state.buffers.nbytes == sum(c.nbytes for cs in graphs.caches for c in cs) > 0
+
+
+def test_no_graph_replays_after_the_next_mask_copy_is_queued():
+    gm, inputs = small_graph("wan", layers=2)
+    RecordingCapture.events = events = []
+    program = _program(gm, inputs, capture=RecordingCapture)
+    controller = program.controller
+    begin, end = controller.begin, controller.end
+
+    def logged_begin(args):
+        state = begin(args)
+        events.append(("begin", tuple(state.mask)))
+        return state
+
+    def logged_end(state):
+        events.append(("end",))
+        end(state)
+
+    controller.begin, controller.end = logged_begin, logged_end
+    with torch.no_grad():
+        for t in torch.linspace(999, 1, 12):
+            program(*[t.expand(1) if i == controller.timestep_index else a
+                      for i, a in enumerate(inputs)])
+    calls, current = [], None
+    for event in events:
+        if event[0] == "begin":
+            current = {"mask": event[1], "replays": [], "ended": False}
+            calls.append(current)
+        elif event[0] == "replay":
+            assert not current["ended"], "a graph replayed after controller.end queued the mask"
+            current["replays"].append(event[1])
+        elif event[0] == "end":
+            current["ended"] = True
+    assert len(calls) == 12 and all(c["ended"] for c in calls)
+    blocks = program.executor.step_blocks
+    for call in calls:  # exactly the schedule, in plan order
+        assert call["replays"] == [k for k, r in step_schedule(blocks, call["mask"]) if r]
+    assert any(len(c["replays"]) < len(blocks) for c in calls)  # some steps reused blocks
+
+
+def test_a_parameter_whose_storage_moved_is_refused_with_both_addresses():
+    gm, inputs = small_graph("wan", layers=2)
+    program = _program(gm, inputs)
+    with torch.no_grad():
+        program(*inputs)
+    index = next(iter(program.executor.param_slots))
+    moved = list(inputs)
+    moved[index] = torch.nn.Parameter(inputs[index].detach().clone())
+    ts = program.controller.timestep_index
+    moved[ts] = inputs[ts] - 100  # the next step of the same generation (same dtype)
+    with torch.no_grad(), pytest.raises(ForesightError,
+                                        match=r"storage moved since capture \(captured at 0x"):
+        program(*moved)
+
+
+def test_policy_none_replays_every_graph_and_holds_no_cache():
+    gm, inputs = small_graph("wan", layers=2)
+    program = _program(gm, inputs, policy="none")
+    ts = program.controller.timestep_index
+    with torch.no_grad():
+        for t in (900, 800, 700):
+            step_inputs = [torch.tensor([t]) if i == ts else a for i, a in enumerate(inputs)]
+            got = program(*step_inputs)
+            torch.testing.assert_close(got[0], gm(*step_inputs)[0], rtol=0, atol=0)
+    executor = program.executor
+    assert executor.branches[0].replayed == 3 * len(executor.steps)
+    assert executor.branches[0].caches == [None, None]
+    assert program.controller.branches[0].buffers.nbytes == 0
