@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="speed and fidelity of methods side by side")
     b.add_argument("--workload", default="wan", help="built-in name or module:factory")
     b.add_argument("--methods", default="inductor,eager,none,static,foresight,fbc,fbc+compile,pab,"
-                   "taylorseer,magcache,cache-dit",
-                   help="comma-separated; options as NAME(key=value,...); peers as NAME+compile")
+                   "taylorseer,magcache",
+                   help="comma-separated; options as NAME(key=value,...); peers as NAME+compile; "
+                   "cache-dit patches diffusers process-wide: run it alone with the baselines")
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--seed", type=int, default=0)

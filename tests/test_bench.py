@@ -152,3 +152,8 @@ def test_method_parsing_and_sweep():
         parse_methods("turbo")
     with pytest.raises(ValueError, match="no selected method takes 'threshold'"):
         parse_methods("static", {"threshold": [1.0]})
+
+
+def test_cache_dit_must_run_in_its_own_process():
+    with pytest.raises(ValueError, match="separate run"):
+        run_bench("wan", parse_methods("inductor,static,cache-dit"), steps=2, repeats=1, progress=False)

@@ -3,8 +3,8 @@
 Each ``MethodSpec.prepare(model)`` returns a ``Prepared`` holding its own copy of the model
 (same weights), the callable the denoising loop calls, and how to start a new generation.
 Peers go through their public APIs: diffusers' ``enable_cache`` configs (calls run inside
-``cache_context("cond")``, which they require) and cache-dit's ``enable_cache`` when it is
-installed.
+``cache_context("cond")``, which they require) and cache-dit's ``enable_cache`` (DBCache,
+its transformer-only flow) when it is installed.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class MethodSpec:
             fn = torch.compile(model, backend="foresight", options=opts)
             return Prepared(fn, lambda: foresight_compile.reset(fn, clear_stats=True), fn)
         if self.kind == "cache-dit":
-            return _cache_dit(model, dict(self.options), self.compiled)
+            return _cache_dit(model, dict(self.options), steps, self.compiled)
         return _diffusers_peer(self.kind, model, dict(self.options), steps, self.compiled, calibrate)
 
 
@@ -92,7 +92,7 @@ def parse_methods(text: str, sweep: dict[str, list[Any]] | None = None) -> list[
     return specs
 
 
-_SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache"), "recompute_every": ("static", "foresight"),
+_SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache", "cache-dit"), "recompute_every": ("static", "foresight"),
               "warmup": ("static", "foresight"), "cache_interval": ("taylorseer",)}
 
 
@@ -199,12 +199,19 @@ def _magcache_ratios(model, steps: int, calibrate: Callable) -> list[float]:
     return [float(v) for v in found[-1].split(",")]
 
 
-def _cache_dit(model, options: dict, compiled: bool) -> Prepared:
+def _cache_dit(model, options: dict, steps: int, compiled: bool) -> Prepared:
+    """cache-dit's DBCache on the bare transformer (its transformer-only flow)."""
     try:
-        import cache_dit  # noqa: F401
+        import cache_dit
+        from cache_dit import DBCacheConfig
     except ImportError:
         raise ForesightValueError(
             "cache-dit is not installed (pip install 'foresight-compile[peers]')") from None
-    raise ForesightValueError(
-        "cache-dit on a bare transformer needs a BlockAdapter for each model family; this "
-        "benchmark does not wire it yet")
+    settings = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0,
+                # the benchmark loop makes one call per step (batched or no CFG)
+                "enable_separate_cfg": False}
+    for key, value in options.items():
+        settings["residual_diff_threshold" if key == "threshold" else key] = value
+    cache_dit.enable_cache(model, cache_config=DBCacheConfig(num_inference_steps=steps, **settings))
+    fn = torch.compile(model) if compiled else model
+    return Prepared(fn, lambda: cache_dit.refresh_context(model, num_inference_steps=steps))

@@ -15,6 +15,7 @@ from foresight_compile.bench.methods import MethodSpec
 from foresight_compile.bench.metrics import ceiling, psnr, ssim
 from foresight_compile.bench.report import BenchReport, MethodResult
 from foresight_compile.bench.workloads import load_workload
+from foresight_compile.errors import ForesightValueError
 
 _ATTENTION_KERNEL = re.compile(r"_scaled_dot_product_\w*attention")
 
@@ -57,6 +58,14 @@ def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats
     """Run every method on ``workload``; see ``report.BenchReport`` for what is measured."""
     import diffusers
 
+    kinds = {s.kind for s in methods}
+    if "cache-dit" in kinds and kinds - {"cache-dit", "inductor", "eager"}:
+        # cache-dit patches diffusers classes process-wide: every model compiled or run after
+        # it in this process would run through its hooks, so it gets a process of its own.
+        raise ForesightValueError(
+            "cache-dit changes diffusers classes for the whole process; benchmark it in a "
+            "separate run with only the baselines, e.g. --methods inductor,cache-dit,"
+            "cache-dit+compile")
     dit = load_workload(workload) if isinstance(workload, str) else workload
     label = name or (workload if isinstance(workload, str) else type(workload).__name__)
     # Every method is a new backend on the same code object: give Dynamo room for all.
@@ -72,7 +81,12 @@ def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version)
                for s in methods}
     prepared, outputs, times = {}, {}, {s.name: [] for s in methods}
     calibrate = lambda call: models.denoise(call, dit, steps, seed=seed)  # noqa: E731
-    for spec in tqdm(methods, desc="prepare + compile", disable=not progress):
+    # Measured, and ours compiled, before any peer+compile: diffusers' hooks under
+    # torch.compile make Dynamo skip the block forwards it traced, which would split the
+    # graphs of any model compiled after them (a benchmark artefact, not a user's setup).
+    block_share = _block_share(dit, seed)
+    order = sorted(methods, key=lambda s: (s.family == "peer", s.compiled))
+    for spec in tqdm(order, desc="prepare + compile", disable=not progress):
         try:
             p = spec.prepare(dit.model, steps, calibrate)
             start = time.perf_counter()
@@ -88,7 +102,6 @@ def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version)
             outputs[name] = models.denoise(p.call, dit, steps, seed=seed)
             if r:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
-    block_share = _block_share(dit, seed)
     base = results.get("inductor")
     base_seconds = statistics.median(times["inductor"]) if "inductor" in prepared else None
     for name, p in tqdm(prepared.items(), desc="fidelity + work", disable=not progress):
