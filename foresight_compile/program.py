@@ -2,7 +2,6 @@
 that lets ``stats(model)`` / ``reset(model)`` find the programs of a model."""
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 import weakref

@@ -27,17 +27,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import operator
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.fx as fx
 
 from foresight_compile.errors import ForesightError
-from foresight_compile.lowering import Segment, SegmentCompiler
-from foresight_compile.passes.change_metric import with_change_metric
+from foresight_compile.lowering import SegmentCompiler
 from foresight_compile.passes.partition import Segmented
 from foresight_compile.runtime.controller import BranchState, ReuseController
+from foresight_compile.runtime.plan import PlanStep, build_plan
 from foresight_compile.runtime.policies.base import MSE
 
 log = logging.getLogger(__name__)
@@ -112,16 +110,6 @@ class EagerCapture:
         return replay, static
 
 
-@dataclasses.dataclass(frozen=True)
-class _PlanStep:
-    block: int  # -1: not a block
-    segment: Segment
-    tracked: Segment | None  # block variant that also returns [mse, finite]
-    inputs: tuple[int, ...]  # env slots
-    outputs: tuple[int, ...]  # env slot per output, -1 when unused
-    clone: tuple[bool, ...]
-
-
 @dataclasses.dataclass
 class BranchGraphs:
     """The captured graphs and static buffers of one CFG branch."""
@@ -152,36 +140,14 @@ class CudaGraphExecutor:
         self.compiler = compiler
         self.capture_factory = capture
         self.uses_cache = controller.policy.needs_cache
-        gm = segmented.gm
-        slots: dict[fx.Node, int] = {}
-        for node in gm.graph.find_nodes(op="placeholder"):
-            slots[node] = len(slots)
-        self.num_args = len(slots)
+        plan = build_plan(segmented, compiler, self.uses_cache)
+        self.num_args = plan.num_args
         self.param_slots = frozenset(i for i, v in enumerate(example_inputs)
                                      if isinstance(v, torch.nn.Parameter))
-        blocks = {name: l for l, name in enumerate(segmented.block_submods)}
-        steps = []
-        for node in gm.graph.find_nodes(op="call_module"):
-            sub = gm.get_submodule(node.target)
-            n_out = len(next(iter(sub.graph.find_nodes(op="output"))).args[0])
-            outputs = [-1] * n_out
-            for user in node.users:
-                assert user.op == "call_function" and user.target is operator.getitem
-                slots[user] = len(slots)
-                outputs[user.args[1]] = slots[user]
-            block = blocks.get(node.target, -1)
-            tracked = None
-            if block >= 0 and self.uses_cache:
-                tracked = compiler.segment(with_change_metric(sub, n_out))
-            clone = segmented.needs_clone[block] if block >= 0 else (False,) * n_out
-            steps.append(_PlanStep(block, compiler.segment(sub), tracked,
-                                   tuple(slots[a] for a in node.args), tuple(outputs), clone))
-        self.steps = tuple(steps)
-        self.step_blocks = tuple(s.block for s in steps)
-        out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
-        self.output_spec = tuple(("slot", slots[o]) if isinstance(o, fx.Node) else ("const", o)
-                                 for o in out)
-        self.num_slots = len(slots)
+        self.steps = plan.steps
+        self.step_blocks = tuple(s.block for s in plan.steps)
+        self.output_spec = plan.output_spec
+        self.num_slots = plan.num_slots
         self.num_blocks = len(segmented.block_submods)
         self.block_computes = [0] * self.num_blocks
         self.branches: list[BranchGraphs | None] = []
@@ -232,7 +198,7 @@ class CudaGraphExecutor:
         return BranchGraphs(state.signature, static, copied, tuple(replays), tuple(serves),
                             caches, env)
 
-    def _graph_fn(self, step: _PlanStep, ins: tuple, caches: list, rows, publish: tuple):
+    def _graph_fn(self, step: PlanStep, ins: tuple, caches: list, rows, publish: tuple):
         if step.tracked is None:
             return lambda: step.segment(*ins)
         cache, row = caches[step.block], rows[step.block]

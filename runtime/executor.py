@@ -15,28 +15,16 @@ ahead by the controller).
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-import torch.fx as fx
 
-from foresight_compile.lowering import Segment, SegmentCompiler
-from foresight_compile.passes.change_metric import with_change_metric
+from foresight_compile.lowering import SegmentCompiler
 from foresight_compile.passes.partition import Segmented
 from foresight_compile.runtime.controller import ReuseController
+from foresight_compile.runtime.plan import build_plan
 from foresight_compile.runtime.policies.base import FINITE
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanStep:
-    block: int  # -1: not a block
-    segment: Segment
-    tracked: Segment | None  # block variant that also returns [mse, finite]
-    gather: Callable[[list], tuple]  # env -> this segment's arguments
-    outputs: tuple[int, ...]  # env slot per output, -1 when unused
-    clone: tuple[bool, ...]
 
 
 def _gather(slots: tuple[int, ...]) -> Callable[[list], tuple]:
@@ -56,34 +44,13 @@ class SegmentExecutor:
         self.controller = controller
         self.compiler = compiler
         self.uses_cache = controller.policy.needs_cache
-        gm = segmented.gm
-        slots: dict[fx.Node, int] = {}
-        for node in gm.graph.find_nodes(op="placeholder"):
-            slots[node] = len(slots)
-        self.num_args = len(slots)
-        blocks = {name: l for l, name in enumerate(segmented.block_submods)}
-        steps = []
-        for node in gm.graph.find_nodes(op="call_module"):
-            sub = gm.get_submodule(node.target)
-            n_out = len(next(iter(sub.graph.find_nodes(op="output"))).args[0])
-            outputs = [-1] * n_out
-            for user in node.users:
-                assert user.op == "call_function" and user.target is operator.getitem
-                slots[user] = len(slots)
-                outputs[user.args[1]] = slots[user]
-            inputs = tuple(slots[a] for a in node.args)
-            block = blocks.get(node.target, -1)
-            tracked = None
-            if block >= 0 and controller.policy.needs_cache:
-                tracked = compiler.segment(with_change_metric(sub, n_out))
-            clone = segmented.needs_clone[block] if block >= 0 else (False,) * n_out
-            steps.append(PlanStep(block, compiler.segment(sub), tracked, _gather(inputs),
-                                  tuple(outputs), clone))
-        self.steps = tuple(steps)
-        out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
-        self.output_spec: tuple[Any, ...] = tuple(
-            ("slot", slots[o]) if isinstance(o, fx.Node) else ("const", o) for o in out)
-        self.num_slots = len(slots)
+        plan = build_plan(segmented, compiler, self.uses_cache)
+        self.steps = plan.steps
+        # Per step, a C-level gather of its argument slots (hot path).
+        self.gathers = tuple(_gather(step.inputs) for step in plan.steps)
+        self.output_spec = plan.output_spec
+        self.num_args = plan.num_args
+        self.num_slots = plan.num_slots
         self.block_computes = [0] * len(segmented.block_submods)
         self._signature: tuple | None = None
 
@@ -103,8 +70,8 @@ class SegmentExecutor:
         mask = state.mask
         held = state.buffers.tensors
         rows = state.policy_state.rows
-        for step in self.steps:
-            ins = step.gather(env)
+        for step, gather in zip(self.steps, self.gathers):
+            ins = gather(env)
             l = step.block
             if l < 0:
                 outs = step.segment(*ins)
