@@ -16,6 +16,7 @@ POLICIES = ("none", "static", "foresight")
 DECISIONS = ("per_layer", "prefix")
 LOWERINGS = ("inductor", "eager", "cudagraphs")
 FORMS = ("segments", "graph")
+REUSE = ("output", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Options:
     decision: str = "per_layer"
     """Foresight: "per_layer" (the paper) or "prefix" (the released code: skip blocks 0..k
     where k is the deepest block under its threshold)."""
+    reuse: str = "output"
+    """What a block's cache holds: "output" (Foresight: serve the cached output) or
+    "residual" (cache ``out - in``, serve ``in + residual``; host-branch form only)."""
     num_steps: int | None = None
     """Steps per generation, needed only to resolve a fractional `warmup`; when unset, the
     previous generation's length is used."""
@@ -51,6 +55,7 @@ class Options:
 
         _choice("policy", self.policy, tuple(available_policies()))
         _choice("decision", self.decision, DECISIONS)
+        _choice("reuse", self.reuse, REUSE)
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("form", self.form, FORMS)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)):
@@ -72,6 +77,10 @@ class Options:
                 f"option 'threshold' must be a finite number > 0, got {self.threshold!r}")
         if not isinstance(self.strict, bool):
             raise ForesightValueError(f"option 'strict' must be True or False, got {self.strict!r}")
+        if self.reuse == "residual" and (self.form == "graph" or self.lowering == "cudagraphs"):
+            raise ForesightValueError(
+                "option 'reuse'='residual' works with form='segments' and lowering 'inductor' or "
+                f"'eager'; got form={self.form!r}, lowering={self.lowering!r}")
         if self.policy == "foresight" and isinstance(self.warmup, int) and self.warmup < 2:
             raise ForesightValueError(
                 f"option 'warmup' must be >= 2 for policy 'foresight' (its thresholds come from "

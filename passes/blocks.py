@@ -195,7 +195,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockStack:
         shared = set(raw_inputs[siblings[0]]).intersection(*(raw_inputs[s] for s in siblings[1:]))
         params, carried, side = [], [], []
         for a in raw_inputs[p]:
-            if a.op == "placeholder" and _belongs_to(a, p):
+            if a.op == "placeholder" and _is_module_state(a) and _belongs_to(a, p):
                 params.append(a)
             elif a in shared:
                 side.append(a)
@@ -208,6 +208,14 @@ def find_blocks(gm: fx.GraphModule) -> BlockStack:
                             nodes=tuple(members[p]), params=tuple(params), carried=tuple(carried),
                             side=tuple(side), outputs=outputs))
     return BlockStack(blocks=tuple(blocks))
+
+
+def _is_module_state(placeholder: fx.Node) -> bool:
+    """A lifted parameter or buffer, not a user input (which also carries the module stack
+    of the first module that reads it). Dynamo names module state ``L_self_...``; export
+    names parameters ``p_...`` and buffers ``b_...``."""
+    name = placeholder.name.lower()
+    return name.startswith(("l_self_", "p_", "b_"))
 
 
 def _belongs_to(placeholder: fx.Node, path: str) -> bool:

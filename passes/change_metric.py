@@ -21,7 +21,11 @@ def change_stats(outputs: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, 
     return torch.stack([squared / count, finite.to(torch.float32)])
 
 
-def with_change_metric(block: fx.GraphModule, n_outputs: int) -> fx.GraphModule:
+def with_change_metric(block: fx.GraphModule, n_outputs: int,
+                       residual_inputs: tuple[int, ...] | None = None) -> fx.GraphModule:
+    """With ``residual_inputs`` (per output, the argument it is a residual of), the cache
+    holds residuals ``out - in``: the result is ``(*outputs, *residuals, stats)`` and the
+    metric compares residuals with the cache."""
     n_inputs = len(block.graph.find_nodes(op="placeholder"))
     graph = fx.Graph()
     inputs = [graph.placeholder(f"arg{i}") for i in range(n_inputs)]
@@ -30,6 +34,12 @@ def with_change_metric(block: fx.GraphModule, n_outputs: int) -> fx.GraphModule:
     root.block = block
     result = graph.call_module("block", tuple(inputs))
     outputs = [graph.call_function(operator.getitem, (result, i)) for i in range(n_outputs)]
-    stats = graph.call_function(change_stats, (tuple(outputs), tuple(caches)))
-    graph.output((*outputs, stats))
+    if residual_inputs is None:
+        stats = graph.call_function(change_stats, (tuple(outputs), tuple(caches)))
+        graph.output((*outputs, stats))
+    else:
+        residuals = [graph.call_function(operator.sub, (o, inputs[i]))
+                     for o, i in zip(outputs, residual_inputs)]
+        stats = graph.call_function(change_stats, (tuple(residuals), tuple(caches)))
+        graph.output((*outputs, *residuals, stats))
     return fx.GraphModule(root, graph)

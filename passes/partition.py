@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module_simple
 
@@ -27,6 +28,10 @@ class Segmented:
     # Per block, per output: the served cache must be cloned (it escapes to the graph
     # output or is mutated in place downstream).
     needs_clone: tuple[tuple[bool, ...], ...]
+    # Per block: for each output, the position (among the block segment's arguments) of
+    # the carried input of the same shape and dtype, so a residual ``out - in`` can be
+    # cached and served as ``in + residual``; None when some output has no such input.
+    residual_inputs: tuple[tuple[int, ...] | None, ...] = ()
 
 
 def _is_inplace(node: fx.Node) -> bool:
@@ -61,7 +66,7 @@ def partition_blocks(gm: fx.GraphModule, stack: BlockStack) -> Segmented:
     block_submods = tuple(f"submod_fc_{2 * b.index + 1}" for b in stack.blocks)
     output_node = next(iter(gm.graph.find_nodes(op="output")))
     returned = set(output_node.all_input_nodes)
-    needs_clone = []
+    needs_clone, residual_inputs = [], []
     for b, name in zip(stack.blocks, block_submods):
         sub_out = next(iter(getattr(split, name).graph.find_nodes(op="output"))).args[0]
         flags = []
@@ -71,9 +76,34 @@ def partition_blocks(gm: fx.GraphModule, stack: BlockStack) -> Segmented:
             flags.append(original is None or original in returned
                          or any(_is_inplace(u) for u in original.users))
         needs_clone.append(tuple(flags))
+        residual_inputs.append(_residual_pairs(getattr(split, name), b, sub_out))
     split.graph.lint()
     split.recompile()
-    return Segmented(gm=split, block_submods=block_submods, needs_clone=tuple(needs_clone))
+    return Segmented(gm=split, block_submods=block_submods, needs_clone=tuple(needs_clone),
+                     residual_inputs=tuple(residual_inputs))
+
+
+def _meta_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _residual_pairs(sub: fx.GraphModule, block, sub_out) -> tuple[int, ...] | None:
+    """Pair each block output with an unused carried input of identical shape and dtype."""
+    placeholders = list(sub.graph.find_nodes(op="placeholder"))
+    position = {p.name: i for i, p in enumerate(placeholders)}
+    free = [c for c in block.carried if c.name in position]
+    pairs = []
+    for o in sub_out:
+        value = _meta_value(o)
+        match = next((c for c in free if isinstance(value, torch.Tensor)
+                      and isinstance(_meta_value(c), torch.Tensor)
+                      and _meta_value(c).shape == value.shape
+                      and _meta_value(c).dtype == value.dtype), None)
+        if match is None:
+            return None
+        free.remove(match)
+        pairs.append(position[match.name])
+    return tuple(pairs)
 
 
 def _original_of(copied: fx.Node, outputs: tuple[fx.Node, ...]) -> fx.Node | None:

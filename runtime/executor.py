@@ -44,7 +44,10 @@ class SegmentExecutor:
         self.controller = controller
         self.compiler = compiler
         self.uses_cache = controller.policy.needs_cache
-        plan = build_plan(segmented, compiler, self.uses_cache)
+        policy = controller.policy
+        residual = tuple(pairs if policy.caches_residual(l) else None
+                         for l, pairs in enumerate(segmented.residual_inputs))
+        plan = build_plan(segmented, compiler, self.uses_cache, residual)
         self.steps = plan.steps
         # Per step, a C-level gather of its argument slots (hot path).
         self.gathers = tuple(_gather(step.inputs) for step in plan.steps)
@@ -76,19 +79,24 @@ class SegmentExecutor:
             if l < 0:
                 outs = step.segment(*ins)
             elif mask[l]:
-                outs = tuple(b.clone() if c else b for b, c in zip(held[l], step.clone))
+                if step.residual is None:
+                    outs = tuple(b.clone() if c else b for b, c in zip(held[l], step.clone))
+                else:
+                    outs = tuple(torch.add(ins[p], r) for p, r in zip(step.residual, held[l]))
             elif not self.uses_cache:
                 outs = step.segment(*ins)
                 self.block_computes[l] += 1
             elif held[l] is not None:
                 result = step.tracked(*ins, *held[l])
-                outs = result[:-1]
+                n = len(step.outputs)
+                outs = result[:n]
                 rows[l].copy_(result[-1])
-                torch._foreach_copy_(list(held[l]), list(outs))
+                torch._foreach_copy_(list(held[l]), list(result[n:-1] if step.residual else outs))
                 self.block_computes[l] += 1
             else:
                 outs = step.segment(*ins)
-                state.buffers.store(l, outs)
+                state.buffers.store(l, outs if step.residual is None else
+                                    tuple(o - ins[p] for o, p in zip(outs, step.residual)))
                 rows[l][FINITE].copy_(_all_finite(outs))
                 self.block_computes[l] += 1
             for slot, value in zip(step.outputs, outs):

@@ -26,6 +26,9 @@ class PlanStep:
     inputs: tuple[int, ...]  # argument slots
     outputs: tuple[int, ...]  # env slot per output, -1 when unused
     clone: tuple[bool, ...]  # per output: a served cache must be copied
+    # Residual mode: per output, the argument position it is a residual of (the cache
+    # holds ``out - in``, reuse serves ``in + residual``); None: the cache holds outputs.
+    residual: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +40,9 @@ class SegmentPlan:
     num_blocks: int
 
 
-def build_plan(segmented: Segmented, compiler: SegmentCompiler, uses_cache: bool) -> SegmentPlan:
+def build_plan(segmented: Segmented, compiler: SegmentCompiler, uses_cache: bool,
+               residual: tuple[tuple[int, ...] | None, ...] | None = None) -> SegmentPlan:
+    """``residual[l]``: block l's residual pairing (see ``PlanStep.residual``), or None."""
     gm = segmented.gm
     slots: dict[fx.Node, int] = {}
     for node in gm.graph.find_nodes(op="placeholder"):
@@ -54,12 +59,13 @@ def build_plan(segmented: Segmented, compiler: SegmentCompiler, uses_cache: bool
             slots[user] = len(slots)
             outputs[user.args[1]] = slots[user]
         block = blocks.get(node.target, -1)
+        pairs = residual[block] if residual is not None and block >= 0 else None
         tracked = None
         if block >= 0 and uses_cache:
-            tracked = compiler.segment(with_change_metric(sub, n_out))
+            tracked = compiler.segment(with_change_metric(sub, n_out, pairs))
         clone = segmented.needs_clone[block] if block >= 0 else (False,) * n_out
         steps.append(PlanStep(block, compiler.segment(sub), tracked,
-                              tuple(slots[a] for a in node.args), tuple(outputs), clone))
+                              tuple(slots[a] for a in node.args), tuple(outputs), clone, pairs))
     out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
     output_spec = tuple(("slot", slots[o]) if isinstance(o, fx.Node) else ("const", o) for o in out)
     return SegmentPlan(tuple(steps), num_args, len(slots), output_spec,

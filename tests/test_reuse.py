@@ -149,3 +149,25 @@ def test_cfg_two_calls_per_step_keep_separate_caches():
     apart = cfg_loop(cond_only, uncond_only)
     assert torch.equal(together, apart)
     assert s.branch[:4] == [0, 1, 0, 1] and s.reused_fraction > 0
+
+
+def test_residual_reuse_serves_input_plus_cached_residual():
+    """With reuse="residual", a reused block outputs its current input + the cached residual."""
+    torch._dynamo.reset()
+    dit = models.wan(layers=3)
+    captured = {}
+    opts = {**OPTIONS, "reuse": "residual", "warmup": 4, "threshold": 1e9}
+    fast = torch.compile(dit.model, backend="foresight", options=opts)
+    out = models.denoise(fast, dit, 8)
+    s = foresight_compile.stats(fast)
+    assert s.mask[5] == [True, True, True] and s.mask[4] == [False, False, False]
+    output_mode = torch.compile(copy.deepcopy(dit.model), backend="foresight",
+                                options={**opts, "reuse": "output"})
+    other = models.denoise(output_mode, dit, 8)
+    reference = models.denoise(dit.model, dit, 8)
+    # both reuse the same steps; they differ in what they serve, and stay near the reference
+    assert not torch.equal(out, other)
+    assert rel_err(out, reference) < 0.05 and rel_err(other, reference) < 0.05
+    held = programs_of(dit.model)[0].controller.branches[0].buffers.tensors
+    hidden = 8 * 8 * 8
+    assert all(t[0].shape == (1, hidden, 24) for t in held)

@@ -179,3 +179,40 @@ def test_generation_api_starts_fresh_generations():
     with pytest.raises(ValueError, match="branch name"):
         with foresight_compile.branch(""):
             pass
+
+
+class _ShiftBlock(torch.nn.Module):
+    """out = in + a constant shift: the residual never changes, the output always does."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.seed = torch.nn.Parameter(torch.randn(dim))
+        self.a = torch.nn.Linear(dim, dim)
+        self.b = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, temb):
+        h = torch.tanh(self.a(self.seed)) * 0.5
+        h = torch.sigmoid(self.b(h)) - 0.5
+        h = h * 0.1 + h.square() * 0.01
+        return x + h.expand_as(x)
+
+
+def test_residual_reuse_is_exact_when_the_residual_is_constant():
+    torch.manual_seed(0)
+    model = ToyDiT(layers=3).eval()
+    model.blocks = torch.nn.ModuleList(_ShiftBlock(8) for _ in range(3))
+    x = torch.randn(1, 4, 8)
+    reference = [_step(model, x + i, t) for i, t in enumerate([1000.0, 900.0, 800.0, 700.0, 600.0])]
+    outs = {}
+    for reuse in ("residual", "output"):
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="foresight", options={**STATIC, "reuse": reuse})
+        outs[reuse] = [_step(fast, x + i, t) for i, t in enumerate([1000.0, 900.0, 800.0, 700.0, 600.0])]
+        assert foresight_compile.stats(fast).mask[3] == [True, True, True]
+    torch.testing.assert_close(outs["residual"][3], reference[3], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(outs["output"][3], reference[3], atol=1e-3)  # stale outputs
+
+
+def test_residual_reuse_needs_the_host_branch_form():
+    with pytest.raises(ValueError, match="'reuse'='residual'"):
+        Options(reuse="residual", form="graph")

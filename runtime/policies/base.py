@@ -51,5 +51,9 @@ class ReusePolicy:
         """Device decision for a step that is not ``computes_all``: bool [L], True = reuse."""
         raise NotImplementedError
 
+    def caches_residual(self, block: int) -> bool:
+        """True: block's cache holds ``out - in`` and reuse serves ``in + residual``."""
+        return self.options.reuse == "residual"
+
     def observe(self, step: int, warmup: int | None, state: PolicyState) -> None:
         """After ``step`` ran (its metrics are in ``state``): update device state."""
