@@ -157,3 +157,8 @@ def test_method_parsing_and_sweep():
 def test_cache_dit_must_run_in_its_own_process():
     with pytest.raises(ValueError, match="separate run"):
         run_bench("wan", parse_methods("inductor,static,cache-dit"), steps=2, repeats=1, progress=False)
+
+
+def test_compiled_peers_must_not_share_a_process_with_ours():
+    with pytest.raises(ValueError, match="separate run"):
+        run_bench("wan", parse_methods("inductor,static,fbc+compile"), steps=2, repeats=1, progress=False)

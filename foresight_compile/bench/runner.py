@@ -66,6 +66,15 @@ def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats
             "cache-dit changes diffusers classes for the whole process; benchmark it in a "
             "separate run with only the baselines, e.g. --methods inductor,cache-dit,"
             "cache-dit+compile")
+    if any(s.family == "peer" and s.compiled for s in methods) and any(
+            s.family == "ours" for s in methods):
+        # Measured: diffusers' hooks under torch.compile guard on per-instance forwards,
+        # recompile per block until Dynamo's recompile limit, and leave the block code
+        # marked so that our models compiled in the same process split into per-block
+        # graphs. Mixed in one process, the figures of both would be wrong.
+        raise ForesightValueError(
+            "peers with +compile change Dynamo's state for the whole process; benchmark them "
+            "in a separate run with only the baselines, e.g. --methods inductor,fbc+compile")
     dit = load_workload(workload) if isinstance(workload, str) else workload
     label = name or (workload if isinstance(workload, str) else type(workload).__name__)
     # Every method is a new backend on the same code object: give Dynamo room for all.
