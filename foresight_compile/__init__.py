@@ -15,8 +15,9 @@ from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
 from foresight_compile.options import Options
 from foresight_compile.pipelines import optimize, restore
+from foresight_compile.profiling import BlockProfile, profile_blocks
 
-__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore", "Stats", "Options", "foresight_backend", "ForesightError",
+__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore", "profile_blocks", "BlockProfile", "Stats", "Options", "foresight_backend", "ForesightError",
            "ForesightValueError", "BlockDiscoveryError", "NotCompiledError",
            "ForesightFallbackWarning", "export_onnx", "export_tensorrt"]
 __version__ = "0.1.0"

@@ -54,6 +54,8 @@ def foresight_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         raise _surfaced(e) from None
     try:
         return ForesightProgram(gm, example_inputs, opts)
+    except ForesightValueError as e:  # e.g. a profile made for another model
+        raise _surfaced(e) from None
     except BlockDiscoveryError as e:
         if opts.strict:
             raise _surfaced(e) from None

@@ -34,6 +34,13 @@ class Options:
     decision: str = "per_layer"
     """Foresight: "per_layer" (the paper) or "prefix" (the released code: skip blocks 0..k
     where k is the deepest block under its threshold)."""
+    profile: Any = None
+    """Policy "profiling": a profile JSON path or a ``BlockProfile`` (from
+    ``foresight_compile.profile_blocks``)."""
+    interval_max: int = 6
+    """Policy "profiling": refresh interval right after warmup (ProfilingDiT's Tmax)."""
+    interval_min: int = 2
+    """Policy "profiling": refresh interval at the last step (Tmin)."""
     reuse: str = "output"
     """What a block's cache holds: "output" (Foresight: serve the cached output) or
     "residual" (cache ``out - in``, serve ``in + residual``; host-branch form only)."""
@@ -69,6 +76,16 @@ class Options:
                 f"option 'warmup' as a float is a fraction of the steps and must lie in (0, 1), "
                 f"got {self.warmup}; pass an int to count steps")
         _positive_int("recompute_every", self.recompute_every)
+        _positive_int("interval_max", self.interval_max)
+        _positive_int("interval_min", self.interval_min)
+        if self.interval_min > self.interval_max:
+            raise ForesightValueError(
+                f"option 'interval_min' ({self.interval_min}) must not exceed 'interval_max' "
+                f"({self.interval_max})")
+        if self.profile is not None and not isinstance(self.profile, str) and not hasattr(
+                self.profile, "foreground"):
+            raise ForesightValueError(
+                f"option 'profile' must be a path or a BlockProfile, got {type(self.profile).__name__}")
         if self.num_steps is not None:
             _positive_int("num_steps", self.num_steps)
         if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))

@@ -6,6 +6,10 @@ controller to the pipeline so that nothing is guessed:
 * every ``pipe(...)`` call is one generation, of ``num_inference_steps`` steps (or
   ``len(timesteps)`` when explicit timesteps are passed), so a fractional warmup resolves
   at once and back-to-back generations never share caches;
+* ``policy="profiling"`` without a ``profile`` calibrates on the first call: that generation
+  runs uncached (its output is exact) while ``profile_blocks`` records the attention
+  profile on this model and resolution; later calls run compiled with it
+  (``pipe._foresight_optimized.profile``; save it with ``.save(path)`` for production);
 * where the pipeline names its CFG passes with diffusers' ``transformer.cache_context(name)``
   (Wan: "cond"/"uncond"), each name is its own branch; pipelines that batch CFG into one
   call (CogVideoX, Latte) need nothing: one call, one branch.
@@ -34,6 +38,7 @@ class _Optimized:
     original_class: type
     original_transformer: torch.nn.Module
     patched_cache_context: bool
+    profile: Any = None  # policy "profiling": the BlockProfile calibrated on the first call
 
 
 def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
@@ -51,18 +56,36 @@ def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
             f"{type(pipe).__name__} has {type(transformer).__name__}")
     backend_options = {"policy": policy, **options}
     Options.from_dict(backend_options)
+    if policy == "profiling" and options.get("profile") is None:
+        from foresight_compile.profiling import _block_modules
+        if not _block_modules(transformer):
+            raise ForesightValueError(f"{type(transformer).__name__} has no block stack to profile")
     patched = _wrap_cache_context(transformer)
     cls = type(pipe)
     default_steps = inspect.signature(cls.__call__).parameters.get("num_inference_steps")
     default_steps = None if default_steps is None else default_steps.default
 
+    calibrate = policy == "profiling" and backend_options.get("profile") is None
+
     def __call__(self, *args, **kwargs):
         timesteps = kwargs.get("timesteps")
         steps = len(timesteps) if timesteps is not None else kwargs.get("num_inference_steps", default_steps)
+        state: _Optimized = getattr(self, _STATE)
         with generation(num_steps=steps if isinstance(steps, int) else None):
+            if calibrate and state.profile is None:
+                # ProfilingDiT: the first generation runs uncached while the profile is taken
+                # on this model at this resolution; later calls run compiled with it.
+                from foresight_compile.profiling import profile_blocks
+                result = []
+                state.profile = profile_blocks(
+                    transformer, lambda _: result.append(cls.__call__(self, *args, **kwargs)))
+                self.transformer = torch.compile(transformer, backend="foresight",
+                                                 options={**backend_options, "profile": state.profile})
+                return result[0]
             return cls.__call__(self, *args, **kwargs)
 
-    pipe.transformer = torch.compile(transformer, backend="foresight", options=backend_options)
+    if not calibrate:
+        pipe.transformer = torch.compile(transformer, backend="foresight", options=backend_options)
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     setattr(pipe, _STATE, _Optimized(cls, transformer, patched))
     return pipe

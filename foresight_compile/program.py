@@ -68,6 +68,12 @@ class ForesightProgram:
                              if not isinstance(v, torch.nn.Parameter)]
         self.param_ids = frozenset(id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter))
         policy = get_policy(options.policy)(options)
+        profile = getattr(policy, "profile", None)
+        if profile is not None:
+            stems = [_input_stem(n.name) for n in gm.graph.find_nodes(op="placeholder")]
+            hidden = next((v for s, v in zip(stems, example_inputs) if s == "hidden_states"), None)
+            profile.check([b.path for b in self.stack.blocks],
+                          tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None)
         self.controller = ReuseController(len(self.stack), policy, timestep_index, signature_indices)
         self.compiler = SegmentCompiler(
             "inductor" if options.lowering == "cudagraphs" else options.lowering)

@@ -124,6 +124,7 @@ class BranchState:
         self.previous_length: int | None = None
         self.step = 0
         self.warmup: int | None = None
+        self.total_steps: int | None = None
         self.mask: list[bool] = [False] * num_blocks
 
     def reset(self, signature: tuple | None) -> None:
@@ -204,7 +205,7 @@ class ReuseController:
             self._start_generation(state, signature, context)
             state.generation_token = token
         state.last_timestep = timestep
-        if self.policy.computes_all(state.step, state.warmup):
+        if self.policy.computes_all(state.step, state.warmup, state.total_steps):
             state.mask = [False] * self.num_blocks
         elif state.next_mask.pending:
             held = state.buffers.tensors
@@ -221,6 +222,7 @@ class ReuseController:
         total = (context.num_steps if context is not None else None) or options.num_steps \
             or state.previous_length
         state.warmup = options.warmup_steps(total)
+        state.total_steps = total
         if state.warmup is None and self.policy.needs_cache and not self._warned_warmup:
             self._warned_warmup = True
             warnings.warn(
@@ -239,6 +241,6 @@ class ReuseController:
         self.records.append(StepRecord(next(_CALLS), state.generation, state.branch, state.step,
                                        state.last_timestep, tuple(state.mask), change, thresholds))
         state.step += 1
-        if not self.policy.computes_all(state.step, state.warmup):
+        if not self.policy.computes_all(state.step, state.warmup, state.total_steps):
             ps = state.policy_state
             state.next_mask.start(self.policy.reusable(ps) & (ps.metrics[:, FINITE] > 0))

@@ -155,7 +155,6 @@ def test_residual_reuse_serves_input_plus_cached_residual():
     """With reuse="residual", a reused block outputs its current input + the cached residual."""
     torch._dynamo.reset()
     dit = models.wan(layers=3)
-    captured = {}
     opts = {**OPTIONS, "reuse": "residual", "warmup": 4, "threshold": 1e9}
     fast = torch.compile(dit.model, backend="foresight", options=opts)
     out = models.denoise(fast, dit, 8)

@@ -43,8 +43,9 @@ class ReusePolicy:
     def __init__(self, options) -> None:
         self.options = options
 
-    def computes_all(self, step: int, warmup: int | None) -> bool:
-        """Host decision before ``step``: True when every block must compute."""
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
+        """Host decision before ``step`` of a generation of ``total`` steps (None: unknown):
+        True when every block must compute."""
         raise NotImplementedError
 
     def reusable(self, state: PolicyState) -> torch.Tensor:

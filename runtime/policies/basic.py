@@ -13,7 +13,7 @@ class NoReuse(ReusePolicy):
 
     needs_cache = False
 
-    def computes_all(self, step: int, warmup: int | None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
         return True
 
     def reusable(self, state: PolicyState) -> torch.Tensor:
@@ -24,7 +24,7 @@ class NoReuse(ReusePolicy):
 class StaticReuse(ReusePolicy):
     """Compute every block on steps ``s < W`` and ``(s - W) % N == 0``; reuse all otherwise."""
 
-    def computes_all(self, step: int, warmup: int | None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
         if warmup is None or step < warmup:
             return True
         return (step - warmup) % self.options.recompute_every == 0

@@ -22,7 +22,7 @@ from foresight_compile.runtime.policies.base import MSE, PolicyState, ReusePolic
 class ForesightReuse(ReusePolicy):
     needs_metric = True
 
-    def computes_all(self, step: int, warmup: int | None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
         if warmup is None or step < warmup:
             return True
         return (step - warmup) % self.options.recompute_every == 0
