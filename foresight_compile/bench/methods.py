@@ -57,6 +57,11 @@ class MethodSpec:
         if self.family == "ours":
             import foresight_compile
             opts = {"policy": self.kind, **dict(self.options)}
+            if self.kind == "profiling" and "profile" not in opts:
+                if calibrate is None:
+                    raise ForesightValueError("profiling needs a profile or a calibration run")
+                # ProfilingDiT's calibration generation, on this model at this resolution
+                opts["profile"] = foresight_compile.profile_blocks(model, calibrate)
             fn = torch.compile(model, backend="foresight", options=opts)
             return Prepared(fn, lambda: foresight_compile.reset(fn, clear_stats=True), fn)
         if self.kind == "cache-dit":
