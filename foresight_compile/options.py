@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 from foresight_compile.errors import ForesightValueError
 
-POLICIES = ("none", "static", "foresight")
 DECISIONS = ("per_layer", "prefix")
 LOWERINGS = ("inductor", "eager", "cudagraphs")
 FORMS = ("segments", "graph")
