@@ -22,7 +22,8 @@ REUSE = ("output", "residual")
 class Options:
     policy: str = "foresight"
     """Reuse policy: "none" (never reuse), "static" (compute every `recompute_every` steps
-    after warmup), "foresight" (adaptive, arXiv 2506.00329)."""
+    after warmup), "foresight" (adaptive, arXiv 2506.00329), "profiling" (ProfilingDiT,
+    arXiv 2504.03140: background blocks reuse residuals; needs `profile`)."""
     warmup: int | float = 8
     """Steps at the start of each generation that compute every block. An int counts steps;
     a float in (0, 1) is a fraction of the generation's step count (see `num_steps`)."""
