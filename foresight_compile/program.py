@@ -66,7 +66,10 @@ class ForesightProgram:
         timestep_index = find_timestep_input(gm, example_inputs)
         signature_indices = [i for i, v in enumerate(example_inputs)
                              if not isinstance(v, torch.nn.Parameter)]
-        self.param_ids = frozenset(id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter))
+        # Weak references, not ids: a freed model's ids are reused by new objects, and a
+        # program must never be taken for another model's.
+        self._param_refs = [weakref.ref(v) for v in example_inputs
+                            if isinstance(v, torch.nn.Parameter)]
         policy = get_policy(options.policy)(options)
         profile = getattr(policy, "profile", None)
         if profile is not None:
@@ -87,6 +90,11 @@ class ForesightProgram:
             self.executor = SegmentExecutor(segmented, self.controller, self.compiler)
         self.build_seconds = time.perf_counter() - start
         _PROGRAMS.append(weakref.ref(self))
+
+    def owns_any(self, param_ids: set[int]) -> bool:
+        """True when a parameter this program was compiled with is still alive and in
+        ``param_ids``."""
+        return any((p := r()) is not None and id(p) in param_ids for r in self._param_refs)
 
     @property
     def block_paths(self) -> list[str]:
@@ -157,6 +165,6 @@ def programs_of(model: torch.nn.Module) -> list[ForesightProgram]:
         program = ref()
         if program is None:
             _PROGRAMS.remove(ref)
-        elif program.param_ids & ids:
+        elif program.owns_any(ids):
             found.append(program)
     return found

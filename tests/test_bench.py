@@ -18,7 +18,7 @@ STEPS = 12
 class StaleCacheTESTING_ONLY(StaticReuse):
     """Serves step 0's cache for the rest of the generation: what a stale-cache bug does."""
 
-    def computes_all(self, step, warmup):
+    def computes_all(self, step, warmup, total=None):
         return step == 0
 
 
@@ -83,7 +83,7 @@ def test_stale_cache_drops_psnr_below_the_gate_and_disabled_reuse_fails_skipped(
     # reuse disabled: the static policy never reuses
     torch._dynamo.reset()
     original = StaticReuse.computes_all
-    StaticReuse.computes_all = lambda self, step, warmup: True
+    StaticReuse.computes_all = lambda self, step, warmup, total=None: True
     try:
         disabled = run_bench("wan", [MethodSpec("static", (("lowering", "eager"),))],
                              steps=STEPS, repeats=1, progress=False)
@@ -162,3 +162,18 @@ def test_cache_dit_must_run_in_its_own_process():
 def test_compiled_peers_must_not_share_a_process_with_ours():
     with pytest.raises(ValueError, match="separate run"):
         run_bench("wan", parse_methods("inductor,static,fbc+compile"), steps=2, repeats=1, progress=False)
+
+
+def test_a_users_module_factory_workload_runs_and_bad_specs_are_named():
+    from foresight_compile.bench.workloads import load_workload
+    report = run_bench("toy:toy_workload",
+                       [MethodSpec("static", (("lowering", "eager"), ("warmup", 2), ("recompute_every", 2)))],
+                       steps=10, repeats=1, progress=False)
+    # steps 0-1 warm up; compute on 2, 4, 6, 8: steps 3, 5, 7, 9 reuse every block
+    assert report.workload == "toy:toy_workload"
+    assert report.methods[0].error is None and report.methods[0].cache_bytes == 3 * 4 * 8 * 4
+    assert 0 < report.methods[0].ssim <= 1
+    with pytest.raises(ValueError, match="cannot load 'nope'"):
+        load_workload("toy:nope")
+    with pytest.raises(ValueError, match="unknown workload 'wan-huge'"):
+        load_workload("wan-huge")

@@ -45,3 +45,22 @@ def toy_loop(model, steps: int, shape=(1, 4, 8), seed: int = 0, start: float = 1
             x = x - 0.05 * pred
             outs.append(x)
     return x, outs
+
+
+class ToyWorkload:
+    """A `foresight-compile bench --workload toy:toy_workload` factory result."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = ToyDiT(layers=3).eval()
+        self.latent_shape = (1, 4, 8)
+
+    def inputs(self, latents, timestep):
+        return dict(hidden_states=latents, timestep=timestep)
+
+    def prediction(self, out):
+        return out[0]
+
+
+def toy_workload() -> ToyWorkload:
+    return ToyWorkload()

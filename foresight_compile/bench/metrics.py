@@ -21,8 +21,11 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> float:
     b = ref.float().reshape(-1, *ref.shape[-3:])
     kernel = min(11, a.shape[-1], a.shape[-2])
     kernel -= 1 - kernel % 2  # odd
+    # torchmetrics sizes its Gaussian window from sigma (1.5 -> 11 pixels); small latents
+    # need a smaller window, so sigma shrinks with it.
+    sigma = 1.5 if kernel >= 11 else max(0.1, (kernel - 1) / 7)
     value = structural_similarity_index_measure(
-        a, b, data_range=(b.max() - b.min()).item(), kernel_size=kernel)
+        a, b, data_range=(b.max() - b.min()).item(), kernel_size=kernel, sigma=sigma)
     return float(value)
 
 
