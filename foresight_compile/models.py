@@ -1,8 +1,10 @@
-"""Small configurations of real diffusers DiTs with random weights (no hub access needed).
+"""Small configurations of real diffusers DiTs (no hub access needed).
 
-Each factory returns ``(model, make_inputs)`` where ``make_inputs(timestep, latents)``
-builds the keyword arguments of one forward call. Configurations are the ones measured in
-``shared/FACTS.md``; ``layers`` deepens them.
+Each factory returns a ``SmallDiT``: the model, its latent shape, and how to build one
+forward call's keyword arguments. ``wan``/``cogvideox``/``latte`` have random weights, in
+the configurations measured in ``shared/FACTS.md`` (``layers`` deepens them);
+``tiny_video`` is the trained Wan shipped with the package (``tiny_video.py``), the one to
+quote fidelity figures on.
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import dataclasses
 from typing import Callable
 
 import torch
+
+
+DEFAULT_SCHEDULER = {"shift": 3.0}
 
 
 @dataclasses.dataclass
@@ -20,6 +25,10 @@ class SmallDiT:
     text: torch.Tensor
     extra: dict
     prediction_channels: int | None = None  # Latte predicts (noise, sigma): keep the first half
+    # FlowMatchEulerDiscreteScheduler arguments of the denoising loop; shift 3 (Wan's
+    # default for video) unless the model was trained with another.
+    scheduler_config: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    prompts: list | None = None  # tiny_video: the prompts behind ``text``
 
     def inputs(self, latents: torch.Tensor, timestep: torch.Tensor) -> dict:
         return dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=self.text,
@@ -69,13 +78,29 @@ def latte(layers: int = 2, seed: int = 0) -> SmallDiT:
                     {"enable_temporal_attentions": True}, prediction_channels=4)
 
 
-FACTORIES: dict[str, Callable[..., SmallDiT]] = {"wan": wan, "cogvideox": cogvideox, "latte": latte}
+def tiny_video(prompts: int = 4, path=None) -> SmallDiT:
+    """The trained tiny video DiT on the first ``prompts`` evaluation prompts (one clip each):
+    the latent is the clip itself (pixel space, (B, 3, 8, 32, 32) in [-1, 1])."""
+    from foresight_compile import tiny_video as tv
+    transformer, encoder, scheduler_config = tv.load_tiny_video_dit(path)
+    chosen = tv.evaluation_prompts(prompts)
+    with torch.no_grad():
+        text = encoder.encode(chosen)
+    shape = (len(chosen), 3, tv.ClipSpec().frames, tv.ClipSpec().size, tv.ClipSpec().size)
+    return SmallDiT("tiny-video", transformer, shape, text, {}, scheduler_config=scheduler_config,
+                    prompts=chosen)
+
+
+FACTORIES: dict[str, Callable[..., SmallDiT]] = {"wan": wan, "cogvideox": cogvideox, "latte": latte,
+                                                 "tiny-video": tiny_video}
 
 
 def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=None) -> torch.Tensor:
     """An ordinary flow-matching denoising loop with diffusers' scheduler; returns the latent."""
     import diffusers
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    # A user's workload object may leave the scheduler to us.
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        **getattr(dit, "scheduler_config", DEFAULT_SCHEDULER))
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(dit.latent_shape, generator=g)
@@ -86,3 +111,11 @@ def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=N
             if on_step is not None:
                 on_step(x)
     return x
+
+
+def tiny_video_dit(path=None):
+    """The trained tiny video DiT shipped with the package (not random weights):
+    ``(transformer, prompt_encoder, scheduler_config)``; see ``foresight_compile.tiny_video``
+    for the data it was trained on, ``sample`` and ``evaluate_samples``."""
+    from foresight_compile.tiny_video import load_tiny_video_dit
+    return load_tiny_video_dit(path)

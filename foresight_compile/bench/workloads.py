@@ -1,10 +1,13 @@
 """What a benchmark runs: a model, how to call it, and the denoising loop.
 
-Built-in workloads are small configs of real diffusers DiTs with random weights. A user's
+Built-in workloads are small configs of real diffusers DiTs: ``tiny-video`` is the trained
+one shipped with the package (fidelity figures mean something on it); the others have
+random weights. A user's
 workload is ``module:factory``: a zero-argument callable returning an object with
 ``model`` (an ``nn.Module``), ``latent_shape`` (tuple), ``inputs(latents, timestep) -> dict``
 (keyword arguments of one forward call) and ``prediction(output) -> Tensor`` (the model's
-noise/velocity prediction), as ``foresight_compile.models.SmallDiT`` has.
+noise/velocity prediction), as ``foresight_compile.models.SmallDiT`` has; optionally
+``scheduler_config`` (``FlowMatchEulerDiscreteScheduler`` arguments, default shift 3).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ BUILTIN: dict[str, Callable[[], models.SmallDiT]] = {
     "wan-ci": lambda: models.wan(layers=12, deep=True),
     "cogvideox": lambda: models.cogvideox(layers=4),
     "latte": lambda: models.latte(layers=2),
+    "tiny-video": lambda: models.tiny_video(prompts=4),
 }
 
 
