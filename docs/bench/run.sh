@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 FC=${FC:-foresight-compile}
+# The trained tiny video DiT: the fidelity figures that mean something.
+$FC bench --workload tiny-video --steps 50 --repeats 5 \
+  --methods "inductor,eager,none,static,static(reuse=residual),static(warmup=4,recompute_every=4),foresight(threshold=0.5),foresight(threshold=2),foresight(threshold=8),foresight(threshold=0.5,reuse=residual),profiling,fbc(threshold=0.05),fbc(threshold=0.2),pab,taylorseer,magcache" \
+  --json tiny-video.json --markdown tiny-video.md --plot tiny-video-pareto.png
 $FC bench --workload wan-deep --steps 50 --repeats 5 \
   --methods "inductor,eager,none,static,static(reuse=residual),foresight(threshold=0.5),foresight(threshold=4),foresight(threshold=16),foresight(threshold=64),foresight(threshold=16,reuse=residual),fbc(threshold=0.05),fbc(threshold=0.2),fbc(threshold=0.5),pab,taylorseer,magcache,magcache(threshold=0.2)" \
   --json wan-deep.json --markdown wan-deep.md --plot wan-deep-pareto.png
