@@ -328,7 +328,8 @@ class TinyVideoTransformer(WanTransformer3DModel):
                                 encoder_hidden_states_image, return_dict=False,
                                 attention_kwargs=attention_kwargs)[0]
         sigma = (timestep.float() / SCHEDULER_CONFIG["num_train_timesteps"]).clamp_min(SIGMA_EPS)
-        velocity = (hidden_states - clean) / sigma.reshape(-1, 1, 1, 1, 1)
+        # In the input's dtype, so a bfloat16 pipeline gets bfloat16 back, as from any Wan.
+        velocity = (hidden_states - clean) / sigma.to(hidden_states.dtype).reshape(-1, 1, 1, 1, 1)
         if not return_dict:
             return (velocity,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
