@@ -208,6 +208,17 @@ def test_transformer_returns_the_velocity_the_scheduler_expects():
     torch.testing.assert_close(out, target, atol=1e-5, rtol=1e-5)
 
 
+def test_transformer_answers_in_the_input_dtype():
+    model = tv.build_tiny_video_dit()
+    transformer, encoder = model.transformer.to(torch.bfloat16), model.prompt_encoder.to(torch.bfloat16)
+    x = torch.randn(1, 3, 8, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        v = transformer(hidden_states=x, timestep=torch.tensor([500.0]),
+                        encoder_hidden_states=encoder.encode(["red circle moving up slow"]),
+                        return_dict=False)[0]
+    assert v.dtype == torch.bfloat16 and v.shape == x.shape
+
+
 def test_sample_noise_does_not_depend_on_the_batch():
     assert torch.equal(tv.initial_noise([5, 6])[1], tv.initial_noise([6])[0])
     with pytest.raises(ValueError, match="one per prompt"):
