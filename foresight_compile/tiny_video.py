@@ -318,8 +318,8 @@ class TinyVideoTransformer(WanTransformer3DModel):
       velocity, whose noise part must be carried through a narrow residual stream); the
       forward returns the velocity ``(x_t - x0) / sigma`` with ``sigma = timestep / 1000``.
 
-    A velocity-predicting Wan of the same size, trained for the same budget, drew scattered
-    patch-sized blobs of the prompted colour instead of one object on its path."""
+    Velocity-predicting Wans of the same size (seven recipes, up to 2800 steps) drew the
+    prompted colour but moved the prompted way in no more than 12-50% of clips (chance 25%)."""
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_hidden_states_image=None,
