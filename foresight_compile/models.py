@@ -86,8 +86,7 @@ def tiny_video(prompts: int = 4, path=None) -> SmallDiT:
     chosen = tv.evaluation_prompts(prompts)
     with torch.no_grad():
         text = encoder.encode(chosen)
-    shape = (len(chosen), 3, tv.ClipSpec().frames, tv.ClipSpec().size, tv.ClipSpec().size)
-    return SmallDiT("tiny-video", transformer, shape, text, {}, scheduler_config=scheduler_config,
+    return SmallDiT("tiny-video", transformer, tv.ClipSpec().clip_shape(len(chosen)), text, {}, scheduler_config=scheduler_config,
                     prompts=chosen)
 
 

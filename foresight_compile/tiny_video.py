@@ -34,6 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin, WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_video_dit"
@@ -58,7 +59,6 @@ SLOTS_PER_OBJECT = 4  # shape, colour, direction, speed
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 # Rejection sampling of two-object layouts; a failure rate near zero (measured: none in 10^4 clips).
 MAX_PLACEMENT_TRIES = 1000
-START_SLACK = 3.0  # pixels: how far from its starting edge an object may begin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,11 @@ class ClipSpec:
     # (x0 prediction, coordinate planes, shift 3); whether the full range would also do
     # with the final recipe was not measured.
     cross_jitter: float = 4.0
+    start_slack: float = 3.0  # pixels: how far from the edge it leaves an object may begin
+
+    def clip_shape(self, batch: int) -> tuple[int, int, int, int, int]:
+        """(batch, 3, frames, size, size): the shape of ``batch`` clips (and of their noise)."""
+        return (batch, 3, self.frames, self.size, self.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +205,7 @@ def make_clips(batch: int, generator: torch.Generator, spec: ClipSpec = ClipSpec
     Assumes nothing beyond a seeded ``generator``; the same generator state gives the same
     clips. Guarantees: every object stays fully inside every frame; it moves
     ``SPEEDS[speed]`` pixels per frame along ``DIRECTIONS[direction]``, starting within
-    ``START_SLACK`` pixels of the edge it moves away from (a lone object: within
+    ``spec.start_slack`` pixels of the edge it moves away from (a lone object: within
     ``spec.cross_jitter`` of the middle line across its direction); ``centres`` is where
     it was drawn; backgrounds are grey (plain, or with faint stripes or a checkerboard),
     never coloured; two objects' centres are at least the sum of their radii apart in every
@@ -237,14 +242,14 @@ def make_clips(batch: int, generator: torch.Generator, spec: ClipSpec = ClipSpec
         r = uniform(*spec.radius, 1)
         extent = (r * (spec.triangle_scale if obj.shape == "triangle" else 1.0)).item()
         d = DIRECTIONS[obj.direction]
-        # Along its direction an object starts within START_SLACK pixels of the edge it leaves
+        # Along its direction an object starts within start_slack pixels of the edge it leaves
         # (it crosses the frame); across it, anywhere inside. A first recipe that started
         # anywhere its path fit gave a model that ignored the direction word (at high noise
         # the direction then barely changes where the object is expected in each frame).
         lo, hi = extent, S - 1 - extent
         mid = (S - 1) / 2
         cross = (max(lo, mid - spec.cross_jitter), min(hi, mid + spec.cross_jitter)) if lone else (lo, hi)
-        slack = min(START_SLACK, hi - lo - SPEEDS[obj.speed] * (F - 1))  # the path stays inside
+        slack = min(spec.start_slack, hi - lo - SPEEDS[obj.speed] * (F - 1))  # the path stays inside
         start = torch.stack([uniform(*cross, 1)[0] if dd == 0 else
                              (lo + slack * torch.rand((), generator=g)) if dd > 0 else
                              (hi - slack * torch.rand((), generator=g)) for dd in d])
@@ -332,7 +337,6 @@ class TinyVideoTransformer(WanTransformer3DModel):
         velocity = (hidden_states - clean) / sigma.to(hidden_states.dtype).reshape(-1, 1, 1, 1, 1)
         if not return_dict:
             return (velocity,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
         return Transformer2DModelOutput(sample=velocity)
 
 
@@ -404,7 +408,7 @@ def load_tiny_video_dit(path: str | Path | None = None, device: str | torch.devi
 
 def initial_noise(seeds: Sequence[int], spec: ClipSpec = ClipSpec()) -> torch.Tensor:
     """One noise clip per seed (independent of batch composition), (B, 3, F, H, W)."""
-    shape = (3, spec.frames, spec.size, spec.size)
+    shape = spec.clip_shape(1)[1:]
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
