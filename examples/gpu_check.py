@@ -86,7 +86,7 @@ def main() -> int:
     trt_missing = None
     if not args.skip_tensorrt:
         try:
-            from foresight_compile.tensorrt import import_tensorrt
+            from foresight_compile.runtime.engines.tensorrt import import_tensorrt
             import_tensorrt()
         except ImportError as e:
             trt_missing = str(e)
@@ -132,7 +132,7 @@ def main() -> int:
     compare(results[2], args.tolerance)
 
     if trt_missing is None and not args.skip_tensorrt:
-        from foresight_compile.tensorrt import TrtEngine
+        from foresight_compile.runtime.engines.tensorrt import TrtEngine
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = pathlib.Path(tmp) / f"{args.model}.onnx"
             start = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from foresight_compile import tiny_video as tv  # noqa: E402
+from foresight_compile.models import tiny_video as tv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 

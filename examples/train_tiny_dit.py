@@ -1,6 +1,6 @@
 """Train the tiny video DiT shipped in foresight_compile/assets/tiny_video_dit/.
 
-Rectified flow on procedural moving-shape clips (foresight_compile.tiny_video.make_clips):
+Rectified flow on procedural moving-shape clips (foresight_compile.models.tiny_video.make_clips):
 x_t = (1 - s) x0 + s noise; the model returns the velocity noise - x0 at timestep 1000 s,
 computed from its estimate of the clean clip (tiny_video.TinyVideoTransformer).
 Seeded end to end; prints the loss curve, saves its plot and the weights (EMA) in
@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from foresight_compile import tiny_video as tv  # noqa: E402
+from foresight_compile.models import tiny_video as tv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 

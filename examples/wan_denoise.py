@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     if args.model == "tiny-video":
-        dit = models.tiny_video(prompts=args.prompts)
+        dit = models.tiny_video_workload(prompts=args.prompts)
     else:
         dit = models.wan(layers=args.layers, deep=True)
     params = sum(p.numel() for p in dit.model.parameters())
@@ -99,7 +99,7 @@ def main() -> None:
     def prompt_check(frames) -> str:
         if not dit.prompts:
             return ""
-        from foresight_compile.tiny_video import evaluate_samples
+        from foresight_compile.models.tiny_video import evaluate_samples
         report = evaluate_samples(frames, dit.prompts)
         return f"{report.colour_accuracy:>8.0%}{report.direction_accuracy:>8.0%}"
 

@@ -4,20 +4,22 @@
 
 The backend is registered through the ``torch_dynamo_backends`` entry point, so the line
 above needs no import. This module adds the run-time API: ``stats(model)`` and
-``reset(model)``, and the production exports: ``export_onnx`` (one ONNX ``If`` per block)
-and ``export_tensorrt`` (a TensorRT engine from that ONNX model).
+``reset(model)``, the call contexts ``generation()`` and ``branch()``, the diffusers
+integration ``optimize(pipe)``, and the production exports: ``export_onnx`` (one ONNX ``If``
+per block) and ``export_tensorrt`` (a TensorRT engine from that ONNX model).
 """
 from foresight_compile.api import Stats, branch, generation, reset, stats
 from foresight_compile.backend import ForesightFallbackWarning, foresight_backend
-from foresight_compile.export import export_onnx
-from foresight_compile.tensorrt import export_tensorrt
 from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
+from foresight_compile.export import export_onnx, export_tensorrt
 from foresight_compile.options import Options
-from foresight_compile.pipelines import optimize, restore
+from foresight_compile.pipelines import calibrated_profile, optimize, restore
 from foresight_compile.profiling import BlockProfile, profile_blocks
+from foresight_compile.version import __version__
 
-__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore", "profile_blocks", "BlockProfile", "Stats", "Options", "foresight_backend", "ForesightError",
-           "ForesightValueError", "BlockDiscoveryError", "NotCompiledError",
-           "ForesightFallbackWarning", "export_onnx", "export_tensorrt"]
-__version__ = "0.1.0"
+__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore",
+           "calibrated_profile", "profile_blocks", "BlockProfile", "Stats", "Options",
+           "foresight_backend", "ForesightError", "ForesightValueError", "BlockDiscoveryError",
+           "NotCompiledError", "ForesightFallbackWarning", "export_onnx", "export_tensorrt",
+           "__version__"]

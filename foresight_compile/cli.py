@@ -9,22 +9,24 @@ from foresight_compile.errors import ForesightValueError
 
 
 def _sweep(items: list[str]) -> dict[str, list]:
-    from foresight_compile.bench.methods import _value
+    from foresight_compile.bench.methods import parse_value
 
     sweep = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ForesightValueError(f"--sweep {item!r}: write KEY=V1,V2,... (e.g. threshold=0.1,0.5)")
-        sweep[key.strip()] = [_value(v) for v in values.split(",")]
+        sweep[key.strip()] = [parse_value(v) for v in values.split(",")]
     return sweep
 
 
 def _bench(args) -> int:
     from foresight_compile.bench import run_bench
-    from foresight_compile.bench.methods import parse_methods
+    from foresight_compile.bench.methods import parse_methods, sweep_peers
 
     methods = parse_methods(args.methods, _sweep(args.sweep))
+    if args.sweep_peers:
+        methods = sweep_peers(methods)
     report = run_bench(args.workload, methods, steps=args.steps, repeats=args.repeats, seed=args.seed)
     print(report.table())
     if args.json:
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2")
+    b.add_argument("--sweep-peers", action="store_true",
+                   help="run every peer given without options at each of its own settings "
+                   "(TaylorSeer interval x order, MagCache/FBC/cache-dit thresholds) and print "
+                   "both Pareto fronts and, per peer point, our fastest point at its PSNR")
     b.add_argument("--json")
     b.add_argument("--markdown")
     b.add_argument("--plot", help="Pareto plot PNG: speedup vs PSNR")

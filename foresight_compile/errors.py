@@ -1,4 +1,8 @@
-"""Exceptions raised by foresight-compile. Messages say what was wrong and how to fix it."""
+"""Exceptions raised by foresight-compile. Messages say what was wrong and how to fix it.
+
+This module is the ground floor: every other module may import it, it imports nothing of
+the package (see docs/ARCHITECTURE.md).
+"""
 
 
 class ForesightError(Exception):
@@ -15,3 +19,33 @@ class BlockDiscoveryError(ForesightError):
 
 class NotCompiledError(ForesightError, LookupError):
     """The model given to stats()/reset() was never run through backend="foresight"."""
+
+
+class ExportError(ForesightError):
+    """The model could not be exported (graph break, dynamic shapes, exporter failure)."""
+
+
+class ManifestMismatchError(ForesightError, ValueError):
+    """An exported model or engine does not match its manifest."""
+
+
+def surfaced(error: Exception) -> Exception:
+    """The same error, made to pass through Dynamo unwrapped.
+
+    Dynamo wraps backend exceptions in ``BackendCompilerFailed`` except those deriving from
+    its ``ShortenTraceback``; deriving from it lets a caller's ``except ValueError`` catch a
+    bad option as the ``ValueError`` it is. Surfacing an already surfaced error returns it.
+    """
+    from torch._dynamo.exc import ShortenTraceback
+
+    if isinstance(error, ShortenTraceback):
+        return error
+    cls = type(error)
+
+    class Surfaced(cls, ShortenTraceback):  # type: ignore[misc, valid-type]
+        def __init__(self, message: str) -> None:
+            ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+    Surfaced.__name__ = Surfaced.__qualname__ = cls.__name__
+    Surfaced.__module__ = cls.__module__
+    return Surfaced(str(error))

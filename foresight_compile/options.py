@@ -56,6 +56,11 @@ class Options:
     branches between them); "graph": one graph with a torch.cond per block."""
     strict: bool = False
     """Raise instead of falling back to plain Inductor when the model cannot be cached."""
+    lookahead: int = 1
+    """Steps between the metrics a reuse decision reads and the step it decides. 1: step
+    t+1 is decided from step t's metrics (on a GPU the host waits, at each step's start,
+    for the previous step's last kernel to copy the mask). 2: from step t-1's metrics (the
+    copy is a step old: no wait); a non-finite output then leaves its cache unchanged."""
 
     def __post_init__(self) -> None:
         from foresight_compile.runtime.policies import available_policies
@@ -92,6 +97,11 @@ class Options:
                 or not math.isfinite(self.threshold) or self.threshold <= 0):
             raise ForesightValueError(
                 f"option 'threshold' must be a finite number > 0, got {self.threshold!r}")
+        if isinstance(self.lookahead, bool) or self.lookahead not in (1, 2):
+            raise ForesightValueError(f"option 'lookahead' must be 1 or 2, got {self.lookahead!r}")
+        if self.lookahead == 2 and self.form == "graph":
+            raise ForesightValueError("option 'lookahead'=2 works with form='segments', got "
+                                      "form='graph'")
         if not isinstance(self.strict, bool):
             raise ForesightValueError(f"option 'strict' must be True or False, got {self.strict!r}")
         if self.reuse == "residual" and (self.form == "graph" or self.lowering == "cudagraphs"):

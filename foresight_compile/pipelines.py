@@ -5,11 +5,12 @@ controller to the pipeline so that nothing is guessed:
 
 * every ``pipe(...)`` call is one generation, of ``num_inference_steps`` steps (or
   ``len(timesteps)`` when explicit timesteps are passed), so a fractional warmup resolves
-  at once and back-to-back generations never share caches;
+  at once and back-to-back generations never share caches; it is one request, so calls
+  from several threads at once keep their own state;
 * ``policy="profiling"`` without a ``profile`` calibrates on the first call: that generation
   runs uncached (its output is exact) while ``profile_blocks`` records the attention
   profile on this model and resolution; later calls run compiled with it
-  (``pipe._foresight_optimized.profile``; save it with ``.save(path)`` for production);
+  (``calibrated_profile(pipe)``; save it with ``.save(path)`` for production);
 * where the pipeline names its CFG passes with diffusers' ``transformer.cache_context(name)``
   (Wan: "cond"/"uncond"), each name is its own branch; pipelines that batch CFG into one
   call (CogVideoX, Latte) need nothing: one call, one branch.
@@ -29,6 +30,8 @@ import torch
 from foresight_compile.api import branch, generation
 from foresight_compile.errors import ForesightValueError
 from foresight_compile.options import Options
+from foresight_compile.passes.blocks import module_blocks
+from foresight_compile.profiling import BlockProfile, profile_blocks
 
 _STATE = "_foresight_optimized"
 
@@ -57,8 +60,7 @@ def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
     backend_options = {"policy": policy, **options}
     Options.from_dict(backend_options)
     if policy == "profiling" and options.get("profile") is None:
-        from foresight_compile.profiling import _block_modules
-        if not _block_modules(transformer):
+        if not module_blocks(transformer):
             raise ForesightValueError(f"{type(transformer).__name__} has no block stack to profile")
     patched = _wrap_cache_context(transformer)
     cls = type(pipe)
@@ -75,7 +77,6 @@ def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
             if calibrate and state.profile is None:
                 # ProfilingDiT: the first generation runs uncached while the profile is taken
                 # on this model at this resolution; later calls run compiled with it.
-                from foresight_compile.profiling import profile_blocks
                 result = []
                 state.profile = profile_blocks(
                     transformer, lambda _: result.append(cls.__call__(self, *args, **kwargs)))
@@ -89,6 +90,15 @@ def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     setattr(pipe, _STATE, _Optimized(cls, transformer, patched))
     return pipe
+
+
+def calibrated_profile(pipe: Any) -> BlockProfile | None:
+    """The ``BlockProfile`` an ``optimize(pipe, policy="profiling")`` pipeline calibrated on
+    its first call (None before that call, or when a profile was given)."""
+    state: _Optimized | None = getattr(pipe, _STATE, None)
+    if state is None:
+        raise ForesightValueError("this pipeline was not optimized with foresight_compile.optimize")
+    return state.profile
 
 
 def restore(pipe: Any) -> Any:

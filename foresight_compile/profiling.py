@@ -22,63 +22,16 @@ applied: the profile ranks blocks, it does not reproduce the forward pass.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from typing import Any, Callable
 
 import torch
 
 from foresight_compile.errors import ForesightValueError
+from foresight_compile.passes.blocks import module_blocks
+from foresight_compile.runtime.policies.profile import BlockProfile
 
-FORMAT = 1
-
-
-@dataclasses.dataclass
-class BlockProfile:
-    model: str
-    block_paths: list[str]
-    input_shape: list[int]
-    r_attn: list[float]
-    foreground: list[bool]
-    tau: float
-    attention_quantile: float
-    foreground_quantile: float
-    query_samples: int
-    seed: int
-    format: int = FORMAT
-
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
-
-    @classmethod
-    def load(cls, path: str) -> "BlockProfile":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ForesightValueError(f"profile {path!r} cannot be read: {e}") from None
-        if data.get("format") != FORMAT:
-            raise ForesightValueError(f"profile {path!r} has format {data.get('format')!r}; "
-                                      f"this version reads {FORMAT}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(data) - {"format"}
-        if missing:
-            raise ForesightValueError(f"profile {path!r} lacks {sorted(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
-    def check(self, block_paths: list[str], input_shape: tuple[int, ...] | None = None) -> None:
-        """Raise when this profile was made for another model, block list or resolution."""
-        if list(block_paths) != list(self.block_paths):
-            raise ForesightValueError(
-                f"profile made for {len(self.block_paths)} blocks {self.block_paths[:3]}... of "
-                f"{self.model}, but this model has {len(block_paths)} blocks {list(block_paths)[:3]}"
-                "...: profile the model you run (foresight_compile.profile_blocks)")
-        if input_shape is not None and list(input_shape) != list(self.input_shape):
-            raise ForesightValueError(
-                f"profile made at input shape {self.input_shape}, but the model runs at "
-                f"{list(input_shape)}: attention patterns depend on resolution; profile again")
+__all__ = ["BlockProfile", "profile_blocks"]
 
 
 def _self_attention(block: torch.nn.Module) -> torch.nn.Module | None:
@@ -86,14 +39,6 @@ def _self_attention(block: torch.nn.Module) -> torch.nn.Module | None:
         if hasattr(module, "to_q") and hasattr(module, "to_k") and hasattr(module, "heads"):
             return module
     return None
-
-
-def _block_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    from foresight_compile.bench.methods import block_stacks  # same rule as the graph pass
-
-    candidates = {f"{stack}.{i}": m for stack in block_stacks(model)
-                  for i, m in enumerate(model.get_submodule(stack))}
-    return list(candidates.items())
 
 
 def profile_blocks(model: torch.nn.Module, run: Callable[[torch.nn.Module], Any], *,
@@ -104,7 +49,7 @@ def profile_blocks(model: torch.nn.Module, run: Callable[[torch.nn.Module], Any]
     for name, q in (("attention_quantile", attention_quantile), ("foreground_quantile", foreground_quantile)):
         if not 0.0 < q < 1.0:
             raise ForesightValueError(f"{name} must lie in (0, 1), got {q}")
-    blocks = _block_modules(model)
+    blocks = module_blocks(model)
     if not blocks:
         raise ForesightValueError(f"{type(model).__name__} has no stack of repeated blocks to profile")
     generator = torch.Generator().manual_seed(seed)

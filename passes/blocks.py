@@ -23,6 +23,9 @@ Guarantees (``find_blocks``):
 
 When these do not hold, ``why_not_cacheable(gm)`` returns the reason as a string and
 ``find_blocks`` raises ``BlockDiscoveryError`` with it.
+
+The same rule on a module tree (``module_block_stacks``, ``module_blocks``) serves what
+works on the eager model: ProfilingDiT's calibration hooks and the peers' cache hooks.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import dataclasses
 import re
 from collections import defaultdict
 
+import torch
 import torch.fx as fx
 
 from foresight_compile.errors import BlockDiscoveryError
@@ -38,6 +42,26 @@ _IGNORED_PATH_TOKENS = frozenset({"__dict__", "_modules"})
 _TOKEN = re.compile(r"[A-Za-z_0-9]+")
 # Blocks smaller than this are layers (a Linear, an activation), not transformer blocks.
 MIN_BLOCK_NODES = 8
+
+
+def module_block_stacks(model: torch.nn.Module) -> list[str]:
+    """Names of the model's block stacks: ModuleLists of at least two container modules
+    (modules with submodules of their own) of one class, the rule ``find_blocks`` applies
+    to the traced graph."""
+    stacks = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2:
+            children = list(m)
+            if (len({type(c) for c in children}) == 1
+                    and all(any(True for _ in c.children()) for c in children)):
+                stacks.append(name)
+    return stacks
+
+
+def module_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(path, block)`` for every block of every stack, stacks in definition order."""
+    return [(f"{stack}.{i}", block) for stack in module_block_stacks(model)
+            for i, block in enumerate(model.get_submodule(stack))]
 
 
 def module_path(raw: str) -> str:

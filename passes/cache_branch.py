@@ -15,6 +15,13 @@ outputs in block order, ``stats`` is float32 ``[L, 2]`` (zeros for reused blocks
 ``new_caches`` are the block outputs of this call (what the cache holds afterwards). The
 cache is explicit state: nothing is mutated, so the graph exports (ONNX ``If`` per block).
 
+``insert_cache_branches(segmented, in_place=True)`` is the same graph form for the torch
+executor, with the state written in place instead of returned: signature ``(*original_inputs,
+reuse_mask, *caches, *rows) -> original_outputs``, where ``rows`` are the blocks' float32
+``[2]`` metric rows; ``compute_l`` is the block's cache update (``cache_update``: it writes
+the cache and the row in place) and ``reuse_l`` returns a copy of the cache. Nothing is
+copied back after a call and no cache is cloned on the compute side.
+
 Assumes ``segmented`` came from ``partition_blocks``; it is not modified (the new graph
 is built on copies of its submodules).
 """
@@ -25,8 +32,27 @@ import operator
 import torch
 import torch.fx as fx
 
+from foresight_compile.passes.cache_update import with_cache_update
 from foresight_compile.passes.change_metric import with_change_metric
 from foresight_compile.passes.partition import Segmented
+
+
+def _in_place_branch(n_outputs: int, n_inputs: int,
+                     update: fx.GraphModule | None) -> fx.GraphModule:
+    """compute (``update`` given) or reuse branch over operands ``(*caches, row, *inputs)``."""
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    caches = [graph.placeholder(f"cache{k}") for k in range(n_outputs)]
+    row = graph.placeholder("row")
+    inputs = [graph.placeholder(f"arg{i}") for i in range(n_inputs)]
+    if update is None:
+        graph.output(tuple(graph.call_method("clone", (c,)) for c in caches))
+    else:
+        root.update = update
+        result = graph.call_module("update", (*inputs, *caches, row))
+        graph.output(tuple(graph.call_function(operator.getitem, (result, k))
+                           for k in range(n_outputs)))
+    return fx.GraphModule(root, graph)
 
 
 def _branch(n_outputs: int, n_inputs: int, tracked: fx.GraphModule | None) -> fx.GraphModule:
@@ -72,7 +98,7 @@ def _aliased_segment_outputs(src: fx.GraphModule, block_names: set[str]) -> set[
     return aliased
 
 
-def insert_cache_branches(segmented: Segmented) -> fx.GraphModule:
+def insert_cache_branches(segmented: Segmented, in_place: bool = False) -> fx.GraphModule:
     src = segmented.gm
     blocks = {name: l for l, name in enumerate(segmented.block_submods)}
     root = torch.nn.Module()
@@ -90,6 +116,7 @@ def insert_cache_branches(segmented: Segmented) -> fx.GraphModule:
             n_outputs[node.target] = len(next(iter(sub.graph.find_nodes(op="output"))).args[0])
     caches = {name: [graph.placeholder(f"cache_{blocks[name]}_{k}") for k in range(n)]
               for name, n in sorted(n_outputs.items(), key=lambda kv: blocks[kv[0]])}
+    rows = [graph.placeholder(f"row_{l}") for l in range(len(blocks))] if in_place else []
     stats: list[fx.Node] = [None] * len(blocks)  # type: ignore[list-item]
     new_caches: list[fx.Node] = []
     aliased = _aliased_segment_outputs(src, set(blocks))
@@ -104,14 +131,22 @@ def insert_cache_branches(segmented: Segmented) -> fx.GraphModule:
         if node.op == "call_module" and node.target in blocks:
             l, n = blocks[node.target], n_outputs[node.target]
             sub = src.get_submodule(node.target)
-            setattr(root, f"compute_{l}", _branch(n, len(node.args), with_change_metric(sub, n)))
-            setattr(root, f"reuse_{l}", _branch(n, len(node.args), None))
+            if in_place:
+                setattr(root, f"compute_{l}", _in_place_branch(n, len(node.args),
+                                                               with_cache_update(sub, n)))
+                setattr(root, f"reuse_{l}", _in_place_branch(n, len(node.args), None))
+            else:
+                setattr(root, f"compute_{l}", _branch(n, len(node.args), with_change_metric(sub, n)))
+                setattr(root, f"reuse_{l}", _branch(n, len(node.args), None))
             compute = graph.get_attr(f"compute_{l}")
             reuse = graph.get_attr(f"reuse_{l}")
             pred = graph.call_function(operator.getitem, (mask, l))
-            operands = (*caches[node.target], *[unaliased.get(a, env[a]) for a in node.args])
+            state = (*caches[node.target], rows[l]) if in_place else tuple(caches[node.target])
+            operands = (*state, *[unaliased.get(a, env[a]) for a in node.args])
             result = graph.call_function(torch.ops.higher_order.cond, (pred, reuse, compute, operands))
             env[node] = result
+            if in_place:
+                continue
             stats[l] = graph.call_function(operator.getitem, (result, n))
             new_caches.extend(graph.call_function(operator.getitem, (result, k)) for k in range(n))
             continue
@@ -119,8 +154,12 @@ def insert_cache_branches(segmented: Segmented) -> fx.GraphModule:
             setattr(root, node.target, src.get_submodule(node.target))
         env[node] = graph.node_copy(node, lambda a: env[a])
     out = next(iter(src.graph.find_nodes(op="output"))).args[0]
-    stacked = graph.call_function(torch.stack, (tuple(stats),))
-    graph.output((*[env[o] if isinstance(o, fx.Node) else o for o in out], stacked, *new_caches))
+    outputs = [env[o] if isinstance(o, fx.Node) else o for o in out]
+    if in_place:
+        graph.output(tuple(outputs))
+    else:
+        stacked = graph.call_function(torch.stack, (tuple(stats),))
+        graph.output((*outputs, stacked, *new_caches))
     gm = fx.GraphModule(root, graph)
     gm.graph.lint()
     return gm

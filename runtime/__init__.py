@@ -1,12 +1,14 @@
-"""Runtime: reuse controller, policies, cache buffers and executors.
+"""Runtime: what runs per step. The reuse controller and its per-request state, policies,
+cache buffers, executors, and the engines of exported models.
 
-The engines of exported models are imported on first use, so importing the runtime never
-imports onnxruntime or tensorrt: ``OrtEngine`` (onnxruntime) and ``TrtEngine`` (TensorRT,
-defined in ``foresight_compile.tensorrt``)."""
+The lowest floor of the package: it imports nothing from ``foresight_compile`` above it but
+errors and plain data (``docs/ARCHITECTURE.md``). The engines are imported on first use,
+so importing the runtime never imports onnxruntime or tensorrt: ``OrtEngine`` (onnxruntime)
+and ``TrtEngine`` (TensorRT)."""
 
-_LAZY = {"OrtEngine": "foresight_compile.runtime.ort_engine",
-         "ExportedEngine": "foresight_compile.runtime.ort_engine",
-         "TrtEngine": "foresight_compile.tensorrt"}
+_LAZY = {"OrtEngine": "foresight_compile.runtime.engines.ort",
+         "ExportedEngine": "foresight_compile.runtime.engines.exported",
+         "TrtEngine": "foresight_compile.runtime.engines.tensorrt"}
 
 
 def __getattr__(name: str):

@@ -1,222 +1,220 @@
-"""ReuseController: step and CFG-branch tracking, per-generation reset, the reuse mask.
+"""ReuseController: requests, CFG branches, generations, the reuse mask, and what happened.
 
-One controller serves one compiled graph. Each call of the graph is one model evaluation:
+One controller serves one compiled graph. Each call of the graph is one model evaluation,
+and every executor and engine runs it the same way (``Executor.evaluate``):
+``begin(args)`` -> run or serve each block per ``state.mask`` -> ``end(state)``.
 
-* **Branch.** Calls that repeat the previous call's timestep are further CFG branches of
-  the same step (cond, uncond): the k-th call at one timestep is branch k, with its own
-  state and cache. Batched CFG is a single call, so a single branch.
-* **Generation.** A branch starts a new generation when its timestep stops decreasing,
-  when its inputs' shapes, dtypes or devices change, or after ``reset()``. A new
-  generation starts at step 0 with every block computed and every cache forgotten.
+* **Request.** State is kept per request: the ``Request`` of the current context
+  (``foresight_compile.generation()``, an ``optimize``d pipeline call), else the calling
+  thread. Concurrent requests never share state; a closed request's state is released (a
+  few released states are kept for reuse, so sequential generations keep their buffers).
+* **Branch.** Within a request, calls under a branch name (``branch()``, diffusers'
+  ``cache_context``) share that branch's state. Unnamed calls that repeat the previous
+  call's timestep are further CFG branches of the same step (cond, uncond): the k-th call
+  at one timestep is branch k. Batched CFG is a single call, so a single branch.
+* **Generation.** A branch starts a new generation at its request's first call, when its
+  inputs' shapes, dtypes or devices change, after ``reset()``, when it has run the
+  request's ``num_steps`` steps, and, for calls outside a request, when its timestep stops
+  decreasing. A new generation starts at step 0 with every block computed.
 * **Mask.** Before a step, the policy says on the host whether the step computes every
-  block (warmup, refresh). Otherwise the reuse mask was computed on the device at the end
-  of the branch's previous step and copied to the host without blocking (one step ahead),
-  so deciding never waits on a ``.item()`` sync.
+  block (warmup, refresh). Otherwise the mask was decided on the device at the end of an
+  earlier step (``lookahead`` 1: the previous one; 2: the one before) and its host copy
+  queued then; ``begin`` reads it (see ``HostMask`` for when that waits).
+
+Host reads of device data per call: the mask read, and the timestep (one ``.item()``-like
+read) only when the controller needs its value: for calls outside a request, or unnamed
+calls (call order by timestep). Under ``optimize(pipe)`` on a pipeline that names its CFG
+passes, or ``generation()`` with ``branch()`` names, the timestep is never read; stats get
+it from a device copy.
+
+``begin``/``end`` allocate no tensor once a branch exists: decisions are written into the
+branch's preallocated tensors, and the history is a preallocated ring (``history.py``).
 """
 from __future__ import annotations
 
-import collections
-import contextlib
-import itertools
-import threading
-import dataclasses
 import logging
-import math
+import threading
 import warnings
+import weakref
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from foresight_compile.runtime.buffers import CacheBuffers
-from foresight_compile.runtime.policies.base import FINITE, MSE, PolicyState, ReusePolicy
+from foresight_compile.runtime.context import Request, current_context
+from foresight_compile.runtime.history import HISTORY_ROWS, HistoryRows, StepHistory
+from foresight_compile.runtime.policies.base import ReusePolicy
+from foresight_compile.runtime.state import BranchState
 
 log = logging.getLogger(__name__)
-MAX_RECORDS = 100_000
+# Released branch states kept for the next requests (their buffers and captures are reused).
+POOL_SIZE = 4
 
 
-_CALLS = itertools.count()
+class RequestState:
+    """The branches of one request, and the call-order tracking of its unnamed calls."""
 
+    __slots__ = ("id", "branches", "by_key", "previous_timestep", "order", "generation",
+                 "epoch", "__weakref__")
 
-@dataclasses.dataclass(frozen=True)
-class CallContext:
-    """What a pipeline integration knows about the calls it makes, so nothing is guessed.
-
-    ``generation``: a token; a branch whose last call saw another token starts a new
-    generation. ``num_steps``: the generation's step count (resolves a fractional warmup).
-    ``branch``: a CFG branch name (diffusers' ``cache_context`` name); calls under a name
-    share that branch's state whatever their order.
-    """
-
-    generation: int | None = None
-    num_steps: int | None = None
-    branch: str | None = None
-
-
-_LOCAL = threading.local()
-
-
-def current_context() -> CallContext | None:
-    return getattr(_LOCAL, "context", None)
-
-
-@contextlib.contextmanager
-def call_context(**fields):
-    """Within the block, model calls carry ``fields`` (merged over the enclosing context)."""
-    previous = current_context()
-    merged = dataclasses.replace(previous or CallContext(), **fields)
-    _LOCAL.context = merged
-    try:
-        yield merged
-    finally:
-        _LOCAL.context = previous
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    call: int  # process-wide call order, so records of several graphs interleave correctly
-    generation: int
-    branch: int
-    step: int
-    timestep: float
-    reused: tuple[bool, ...]
-    # Device snapshots of the change metric (MSE per block) and the thresholds after the
-    # step: read on the host only when stats are asked for, so recording never syncs.
-    change: torch.Tensor | None = None
-    thresholds: torch.Tensor | None = None
-
-
-class HostMask:
-    """A bool mask produced on the device, read on the host one step later without a stall."""
-
-    def __init__(self, num_blocks: int, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        self._host = torch.zeros(num_blocks, dtype=torch.bool, pin_memory=self._cuda)
-        self._event = torch.cuda.Event() if self._cuda else None
-        self.pending = False
-
-    def start(self, mask: torch.Tensor) -> None:
-        self._host.copy_(mask, non_blocking=self._cuda)
-        if self._event is not None:
-            self._event.record()
-        self.pending = True
-
-    def read(self) -> list[bool]:
-        if self._event is not None:
-            self._event.synchronize()  # long done: the copy was queued a whole step ago
-        self.pending = False
-        return self._host.tolist()
-
-
-class BranchState:
-    """Everything one CFG branch keeps between steps. ``reset()`` starts a new generation."""
-
-    def __init__(self, branch: int, num_blocks: int, device: torch.device) -> None:
-        self.branch = branch
-        self.num_blocks = num_blocks
-        self.device = device
-        self.policy_state = PolicyState.allocate(num_blocks, device)
-        self.buffers = CacheBuffers(num_blocks)
-        self.next_mask = HostMask(num_blocks, device)
-        self.generation = -1
-        self.generation_token: int | None = None
-        self.signature: tuple | None = None
-        self.last_timestep = math.inf
-        self.previous_length: int | None = None
-        self.step = 0
-        self.warmup: int | None = None
-        self.total_steps: int | None = None
-        self.mask: list[bool] = [False] * num_blocks
-
-    def reset(self, signature: tuple | None) -> None:
-        if self.step:
-            self.previous_length = self.step
-        if signature != self.signature:
-            self.buffers.invalidate()
-        self.signature = signature
-        self.policy_state.reset()
-        self.next_mask.pending = False
-        self.generation += 1
-        self.step = 0
-        self.last_timestep = math.inf
-        self.mask = [False] * self.num_blocks
-
-    def __repr__(self) -> str:
-        return (f"BranchState(branch={self.branch}, generation={self.generation}, step={self.step}, "
-                f"warmup={self.warmup}, {self.buffers!r})")
+    def __init__(self, request_id: int) -> None:
+        self.id = request_id
+        self.branches: list[BranchState] = []
+        self.by_key: dict[tuple, BranchState] = {}
+        self.previous_timestep: float | None = None
+        self.order = 0
+        self.generation: int | None = None
+        self.epoch = 0  # the controller's reset() count the call-order tracking belongs to
 
 
 class ReuseController:
     def __init__(self, num_blocks: int, policy: ReusePolicy, timestep_index: int,
-                 signature_indices: Sequence[int]) -> None:
+                 signature_indices: Sequence[int], lookahead: int = 1,
+                 history_rows: int = HISTORY_ROWS) -> None:
         self.num_blocks = num_blocks
         self.policy = policy
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
-        self.branches: list[BranchState] = []  # in creation order; index = branch id
-        self._by_key: dict[tuple, BranchState] = {}
-        self.records: collections.deque[StepRecord] = collections.deque(maxlen=MAX_RECORDS)
-        self._previous_timestep: float | None = None
-        self._branch = 0
-        self._force_new = False
+        self.lookahead = lookahead
+        self.history = StepHistory(num_blocks, history_rows)
+        self.generations = 0  # generations started, over every request and branch
+        self._computes = np.zeros(num_blocks, dtype=np.int64)
+        self._epoch = 0
+        self._lock = threading.Lock()
+        self._by_request: dict[Request, RequestState] = weakref.WeakKeyDictionary()
+        self._by_thread: dict[threading.Thread, RequestState] = weakref.WeakKeyDictionary()
+        self._pool: list[BranchState] = []
+        self._generation_ids = iter(range(1 << 62))
         self._warned_warmup = False
-        self.generations = 0
+        self._all_computed = [False] * num_blocks
 
-    def reset(self) -> None:
-        """Make every branch start a new generation at its next call."""
-        self._force_new = True
-        self._previous_timestep = None
+    # -- reporting ----------------------------------------------------------------------
+    @property
+    def block_computes(self) -> list[int]:
+        """Per block, the evaluations that computed it (since construction or the last
+        ``reset(clear_stats=True)``)."""
+        return self._computes.tolist()
 
-    def clear_records(self) -> None:
-        self.records.clear()
+    def live_states(self) -> list[BranchState]:
+        with self._lock:
+            requests = list(self._by_request.values()) + list(self._by_thread.values())
+        return [s for r in requests for s in r.branches]
 
-    def _signature(self, args: Sequence) -> tuple:
-        sig = []
-        for i in self.signature_indices:
-            a = args[i]
-            sig.append((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a)
-        return tuple(sig)
+    @property
+    def cache_bytes(self) -> int:
+        """Exact size of the cache buffers held now: every live request's branches and the
+        released states kept for reuse."""
+        with self._lock:
+            pooled = list(self._pool)
+        return sum(s.buffers.nbytes for s in self.live_states() + pooled)
 
+    def rows(self) -> HistoryRows:
+        return self.history.rows()
+
+    def reset(self, clear_stats: bool = False) -> None:
+        """Make every branch of every request start a new generation at its next call."""
+        self._epoch += 1
+        if clear_stats:
+            self.history.clear()
+            self._computes[:] = 0
+
+    # -- requests and branches ------------------------------------------------------------
+    def _request_state(self, request: Request | None) -> RequestState:
+        table, key = ((self._by_request, request) if request is not None
+                      else (self._by_thread, threading.current_thread()))
+        found = table.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = table.get(key)
+            if found is None:
+                found = table[key] = RequestState(request.id if request is not None else 0)
+                if request is not None:
+                    request.on_close(self._release)
+        return found
+
+    def _release(self, request: Request) -> None:
+        """A request closed: its branch states go to the pool (or are dropped)."""
+        with self._lock:
+            found = self._by_request.pop(request, None)
+            if found is None:
+                return
+            for state in found.branches:
+                if len(self._pool) < POOL_SIZE:
+                    self._pool.append(state)
+
+    def _new_branch(self, index: int, device: torch.device) -> BranchState:
+        with self._lock:
+            for i, state in enumerate(self._pool):
+                if state.device == device:
+                    del self._pool[i]
+                    state.branch = index
+                    state.epoch = -1  # forces a new generation at its first call
+                    return state
+        return BranchState(index, self.num_blocks, device, self.lookahead)
+
+    # -- one evaluation -------------------------------------------------------------------
     def begin(self, args: Sequence) -> BranchState:
-        """Called before a model evaluation: find its branch, start a generation if due,
-        and set ``state.mask`` (True = reuse block l's cache)."""
-        ts = args[self.timestep_index]
-        timestep = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
-        if self._force_new:
-            for s in self.branches:
-                s.signature = None  # forces a reset at the branch's next call
-            self._force_new = False
+        """Called before a model evaluation: find its request and branch, start a
+        generation if due, and set ``state.mask`` (True = serve block l from its cache)."""
         context = current_context()
-        if context is not None and context.branch is not None:
-            key = ("name", context.branch)
-            self._previous_timestep = None  # named branches: call order means nothing
+        request = context.request if context is not None else None
+        name = context.branch if context is not None else None
+        ts = args[self.timestep_index]
+        # The timestep's value is needed only to tell steps apart without a request, or
+        # CFG branches apart without a name: read it (a device sync on GPU) only then.
+        timestep = None
+        if request is None or name is None:
+            timestep = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
+        req = self._request_state(request)
+        if req.epoch != self._epoch:
+            # After reset(): the next call is a first call, whatever the last timestep was.
+            req.epoch = self._epoch
+            req.previous_timestep = None
+        if name is not None:
+            key = ("name", name)
+            req.previous_timestep = None  # named branches: call order means nothing
         else:
-            self._branch = self._branch + 1 if timestep == self._previous_timestep else 0
-            self._previous_timestep = timestep
-            key = ("order", self._branch)
-        state = self._by_key.get(key)
+            req.order = req.order + 1 if timestep == req.previous_timestep else 0
+            req.previous_timestep = timestep
+            key = ("order", req.order)
+        state = req.by_key.get(key)
         if state is None:
             device = ts.device if isinstance(ts, torch.Tensor) else torch.device("cpu")
-            state = self._by_key[key] = BranchState(len(self.branches), self.num_blocks, device)
-            self.branches.append(state)
+            state = req.by_key[key] = self._new_branch(len(req.branches), device)
+            state.request = req.id
+            req.branches.append(state)
         signature = self._signature(args)
-        token = context.generation if context is not None else None
-        if (signature != state.signature or not timestep < state.last_timestep
-                or token != state.generation_token):
-            self._start_generation(state, signature, context)
-            state.generation_token = token
-        state.last_timestep = timestep
+        if (signature != state.signature or state.epoch != self._epoch
+                or (request is None and not timestep < state.last_timestep)
+                or (state.total_steps is not None and request is not None
+                    and state.step >= state.total_steps)):
+            self._start_generation(req, state, signature, context)
+        if timestep is not None:
+            state.last_timestep = timestep
         if self.policy.computes_all(state.step, state.warmup, state.total_steps):
-            state.mask = [False] * self.num_blocks
-        elif state.next_mask.pending:
-            held = state.buffers.tensors
-            state.mask = [m and held[i] is not None for i, m in enumerate(state.next_mask.read())]
+            state.mask = self._all_computed
+        elif state.next_mask.ready:
+            buffers = state.buffers
+            state.mask = [m and buffers.has(l) for l, m in enumerate(state.next_mask.read())]
         else:
-            state.mask = [False] * self.num_blocks
+            state.mask = self._all_computed
+        state.timestep_record = ts if timestep is None else timestep
         return state
 
-    def _start_generation(self, state: BranchState, signature: tuple,
-                          context: CallContext | None) -> None:
+    def _signature(self, args: Sequence) -> tuple:
+        return tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                     for a in (args[i] for i in self.signature_indices))
+
+    def _start_generation(self, req: RequestState, state: BranchState, signature: tuple,
+                          context) -> None:
         state.reset(signature)
+        state.epoch = self._epoch
+        # One generation id per request generation: the first branch to restart takes a
+        # new id, the request's other branches join it.
+        if req.generation is None or state.generation == req.generation:
+            req.generation = next(self._generation_ids)
+        state.generation = req.generation
         # The pipeline knows best, then the user's option, then the last generation's length.
         options = self.policy.options
         total = (context.num_steps if context is not None else None) or options.num_steps \
@@ -228,19 +226,29 @@ class ReuseController:
             warnings.warn(
                 "foresight: 'warmup' is a fraction but the number of steps is unknown for this "
                 "first generation; it computes every block. Pass options={'num_steps': N} to "
-                "reuse from the first generation.", stacklevel=3)
+                "reuse from the first generation.", stacklevel=4)
         self.generations += 1
-        log.debug("branch %d: generation %d starts", state.branch, state.generation)
+        log.debug("request %d branch %d: generation %d starts", req.id, state.branch,
+                  state.generation)
 
     def end(self, state: BranchState) -> None:
         """Called after a model evaluation whose computed blocks wrote their metrics."""
-        self.policy.observe(state.step, state.warmup, state.policy_state)
+        policy = self.policy
         ps = state.policy_state
-        change = ps.metrics[:, MSE].clone() if self.policy.needs_metric else None
-        thresholds = ps.thresholds.clone() if self.policy.needs_metric else None
-        self.records.append(StepRecord(next(_CALLS), state.generation, state.branch, state.step,
-                                       state.last_timestep, tuple(state.mask), change, thresholds))
+        if state.step == 0:
+            # A block's first compute of a generation measured against a cache of no use
+            # to it: only finiteness counts (every block computes at step 0).
+            ps.mse.zero_()
+        policy.observe(state.step, state.warmup, ps)
+        mask = state.mask
+        self._computes += np.logical_not(mask)
+        metric = policy.needs_metric
+        self.history.record(state.request, state.generation, state.branch, state.step, mask,
+                            state.timestep_record, state.device,
+                            ps.mse if metric else None, ps.thresholds if metric else None)
         state.step += 1
-        if not self.policy.computes_all(state.step, state.warmup, state.total_steps):
-            ps = state.policy_state
-            state.next_mask.start(self.policy.reusable(ps) & (ps.metrics[:, FINITE] > 0))
+        if policy.needs_cache:
+            policy.decide(ps, state.decision)
+            torch.gt(ps.finite, 0.5, out=state.finite_ok)
+            torch.logical_and(state.decision, state.finite_ok, out=state.decision)
+            state.next_mask.start(state.decision)

@@ -1,25 +1,23 @@
-"""CUDA-graph lowering of the host-branch form: ``options={"lowering": "cudagraphs"}``.
+"""CUDA-graph executor of the host-branch form: ``options={"lowering": "cudagraphs"}``.
 
-Every segment of the partitioned graph (prologue, each block's compute branch, the glue
-between blocks, epilogue) is compiled by Inductor (blocks of one stack share code) and
-captured as one CUDA graph per CFG branch, over static buffers:
+Every step of the segment plan is captured as a CUDA graph per CFG branch state, over
+static buffers: prologue, glue and epilogue segments; for each block its compute graph (the
+compiled cache update: block, change metric into the branch's metric row, new cache into
+the branch's ``CacheBuffers``) and, where serving needs work, its serve graph.
 
 * the graph inputs that are not parameters are copied into static input buffers each call;
 * a segment reads the static outputs of the segments before it (addresses fixed at capture);
-* a block's compute graph runs the block, writes ``[mse, finite]`` of its outputs against
-  the cache into ``metrics[l]`` and copies the outputs into the block's cache buffers:
-  **the cache buffers are the static outputs of the compute graph**, so serving the cache
-  is replaying nothing (plus a copy where the value escapes or is mutated downstream).
+* a block's static outputs are what downstream segments read. In output mode with nothing
+  to copy they are the cache buffers themselves: serving a block replays nothing. Otherwise
+  (residual mode, or an output that escapes or is mutated downstream) the serve graph
+  writes the served values into the compute graph's static outputs.
 
-Per call: ``controller.begin`` reads the host mask (copied from the device one step ahead,
-queued behind the previous step's last graph), the executor replays the graphs that
-``step_schedule`` lists, and ``controller.end`` queues the next mask's host copy behind
-the last replayed graph. All graphs of one branch share one memory pool and are captured
-and replayed in plan order (skipping some is safe: every value read across graphs or steps
-lives outside the pool or is written by a graph replayed earlier in the same call).
+Per call: ``controller.begin`` reads the host mask (copied from the device at the end of an
+earlier step), the executor replays what ``step_schedule`` lists, and ``controller.end``
+queues the next mask's copy behind the last replayed graph.
 
 Capture needs CUDA; ``capture=EagerCapture`` runs the same executor anywhere with plain
-calls standing in for graphs (replay re-runs and copies into the captured outputs), so
+calls standing in for graphs (a replay re-runs and copies into the captured outputs), so
 the buffer plan and the schedule are tested on CPU.
 """
 from __future__ import annotations
@@ -27,16 +25,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from foresight_compile.errors import ForesightError
-from foresight_compile.lowering import SegmentCompiler
-from foresight_compile.passes.partition import Segmented
-from foresight_compile.runtime.controller import BranchState, ReuseController
-from foresight_compile.runtime.plan import PlanStep, build_plan
-from foresight_compile.runtime.policies.base import MSE
+from foresight_compile.runtime.controller import ReuseController
+from foresight_compile.runtime.executor import Executor
+from foresight_compile.runtime.plan import PlanStep, SegmentPlan
+from foresight_compile.runtime.state import BranchState
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +53,16 @@ def cudagraphs_unavailable(example_inputs: Sequence[Any]) -> str | None:
 
 
 def step_schedule(step_blocks: Sequence[int], mask: Sequence[bool]) -> tuple[tuple[int, bool], ...]:
-    """What one call does, in plan order: ``(plan step, replay)`` for every step.
+    """What one call does, in plan order: ``(plan step, compute)`` for every step.
 
     ``step_blocks[k]`` is the block of plan step ``k`` (-1 for prologue, glue, epilogue).
-    A non-block step is always replayed; a block step is replayed unless ``mask`` reuses
-    its block, in which case it is served (its cache buffers already are its outputs)."""
+    A non-block step is always replayed; a block step replays its compute graph unless
+    ``mask`` reuses its block, in which case it is served."""
     return tuple((k, block < 0 or not mask[block]) for k, block in enumerate(step_blocks))
 
 
 class CudaCapture:
-    """Real CUDA graphs: warm-up on a side stream, one shared pool per CFG branch."""
+    """Real CUDA graphs: warm-up on a side stream, one shared pool per branch state."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -112,160 +111,146 @@ class EagerCapture:
 
 @dataclasses.dataclass
 class BranchGraphs:
-    """The captured graphs and static buffers of one CFG branch."""
+    """The captured graphs and static buffers of one branch state."""
 
     signature: tuple | None
     static_inputs: list  # per graph input: the static buffer (or the parameter itself)
     copied: tuple[int, ...]  # graph inputs copied into their static buffer each call
-    replays: tuple[Callable[[], None], ...]  # per plan step
-    serves: tuple[Callable[[], None] | None, ...]  # per plan step: copies for a served block
-    caches: list  # per block: its cache buffers (tuple), None when the policy keeps none
+    param_ptrs: tuple[int, ...]  # storage addresses of the parameters at capture
+    computes: tuple[Callable[[], None], ...]  # per plan step
+    serves: tuple[Callable[[], None] | None, ...]  # per plan step: None when nothing runs
     env: list  # slot -> static tensor
     replayed: int = 0  # graph replays so far (for stats and tests)
 
 
-class CudaGraphExecutor:
+class CudaGraphExecutor(Executor):
     """Host-branch executor whose segments replay as CUDA graphs (see the module docstring).
 
-    Assumes static shapes per CFG branch (a shape change recaptures that branch, logged)
-    and that parameters keep their storage (checked each call; a moved parameter raises).
+    Assumes static shapes per branch (a shape change recaptures that branch, logged) and
+    that parameters keep their storage (checked each call; a moved parameter raises).
     Guarantees: the same decisions and values as ``SegmentExecutor``; cache buffers and
     every static buffer keep their addresses from capture on; no graph is replayed after
     ``controller.end`` queues the next mask, so that mask sees every metric of the step."""
 
-    def __init__(self, segmented: Segmented, controller: ReuseController,
-                 compiler: SegmentCompiler, example_inputs: Sequence[Any],
+    def __init__(self, plan: SegmentPlan, controller: ReuseController,
+                 example_inputs: Sequence[Any],
                  capture: Callable[[torch.device], Any] = CudaCapture) -> None:
         self.controller = controller
-        self.compiler = compiler
         self.capture_factory = capture
         self.uses_cache = controller.policy.needs_cache
-        plan = build_plan(segmented, compiler, self.uses_cache)
         self.num_args = plan.num_args
-        self.param_slots = frozenset(i for i, v in enumerate(example_inputs)
-                                     if isinstance(v, torch.nn.Parameter))
+        self.param_slots = tuple(i for i, v in enumerate(example_inputs)
+                                 if isinstance(v, torch.nn.Parameter))
+        self._params = operator.itemgetter(*self.param_slots) if len(self.param_slots) > 1 else (
+            (lambda args: (args[self.param_slots[0]],)) if self.param_slots else (lambda args: ()))
         self.steps = plan.steps
         self.step_blocks = tuple(s.block for s in plan.steps)
         self.output_spec = plan.output_spec
         self.num_slots = plan.num_slots
-        self.num_blocks = len(segmented.block_submods)
-        self.block_computes = [0] * self.num_blocks
-        self.branches: list[BranchGraphs | None] = []
+        self.num_blocks = plan.num_blocks
+        self.graphs: "weakref.WeakKeyDictionary[BranchState, BranchGraphs]" = \
+            weakref.WeakKeyDictionary()
 
     # -- capture ---------------------------------------------------------------------------
     def _capture(self, state: BranchState, args: Sequence[Any]) -> BranchGraphs:
         capture = self.capture_factory(state.device)
-        static = [a if (i in self.param_slots or not isinstance(a, torch.Tensor)) else a.clone()
+        params = set(self.param_slots)
+        static = [a if (i in params or not isinstance(a, torch.Tensor)) else a.clone()
                   for i, a in enumerate(args)]
         copied = tuple(i for i, a in enumerate(args)
-                       if i not in self.param_slots and isinstance(a, torch.Tensor))
+                       if i not in params and isinstance(a, torch.Tensor))
         env: list = [None] * self.num_slots
         env[: self.num_args] = static
-        caches: list = [None] * self.num_blocks
+        buffers = state.buffers
+        buffers.invalidate()
         # 1. Warm-up: every segment runs once with real values outside capture, so Inductor
         #    compiles now and the cache buffers get their shapes.
         with capture.warmup():
             for step in self.steps:
                 ins = tuple(env[i] for i in step.inputs)
                 outs = step.segment(*ins)
-                if step.tracked is not None:
-                    caches[step.block] = tuple(torch.empty_like(o, memory_format=torch.contiguous_format)
-                                               for o in outs)
-                    torch._foreach_copy_(list(caches[step.block]), list(outs))
-                    step.tracked(*ins, *caches[step.block])
+                if self.uses_cache and step.update is not None:
+                    values = outs if step.residual is None else tuple(
+                        o - ins[p] for o, p in zip(outs, step.residual))
+                    held = buffers.allocate(step.block, outs)
+                    torch._foreach_copy_(list(held), list(values))
+                    step.update(*ins, *held, state.policy_state.rows[step.block])
+                    if step.serve is not None:
+                        step.serve(*ins, *held)
                 for slot, value in zip(step.outputs, outs):
                     if slot >= 0:
                         env[slot] = value
         # 2. Capture in plan order; each step reads the static outputs captured before it.
-        rows = state.policy_state.rows
-        replays, serves = [], []
+        computes, serves = [], []
         env[self.num_args:] = [None] * (self.num_slots - self.num_args)
         for step in self.steps:
             ins = tuple(env[i] for i in step.inputs)
-            publish: tuple = ()
-            if step.tracked is not None and any(step.clone):
-                # Served values that escape or are mutated downstream are read from their
-                # own buffers, refreshed from the cache on compute and serve alike.
-                publish = tuple(torch.empty_like(c) if clone else None
-                                for c, clone in zip(caches[step.block], step.clone))
-            replay, outs = capture.capture(self._graph_fn(step, ins, caches, rows, publish))
-            replays.append(replay)
-            serves.append(self._serve_fn(caches[step.block], publish) if publish else None)
-            for k, (slot, value) in enumerate(zip(step.outputs, outs)):
+            compute, serve, outs = self._capture_step(capture, step, ins, state)
+            computes.append(compute)
+            serves.append(serve)
+            for slot, value in zip(step.outputs, outs):
                 if slot >= 0:
-                    env[slot] = publish[k] if publish and publish[k] is not None else value
-        log.info("captured %d CUDA graphs for CFG branch %d", len(replays), state.branch)
-        return BranchGraphs(state.signature, static, copied, tuple(replays), tuple(serves),
-                            caches, env)
+                    env[slot] = value
+        log.info("captured %d CUDA graphs for branch %d", len(computes) + sum(
+            s is not None for s in serves), state.branch)
+        ptrs = tuple(p.data_ptr() for p in self._params(args))
+        return BranchGraphs(state.signature, static, copied, ptrs, tuple(computes),
+                            tuple(serves), env)
 
-    def _graph_fn(self, step: PlanStep, ins: tuple, caches: list, rows, publish: tuple):
-        if step.tracked is None:
-            return lambda: step.segment(*ins)
-        cache, row = caches[step.block], rows[step.block]
-        targets = list(cache)
+    def _capture_step(self, capture, step: PlanStep, ins: tuple, state: BranchState):
+        if not self.uses_cache or step.update is None:
+            replay, outs = capture.capture(lambda: step.segment(*ins))
+            return replay, None, outs
+        held = state.buffers.held(step.block)
+        row = state.policy_state.rows[step.block]
+        if step.serve is None:
+            # Output mode, nothing to copy: the cache buffers are the block's outputs.
+            def compute():
+                step.update(*ins, *held, row)
+                return held
+            replay, outs = capture.capture(compute)
+            return replay, None, outs
+        replay, outs = capture.capture(lambda: step.update(*ins, *held, row))
 
-        def compute():
-            result = step.tracked(*ins, *cache)
-            row.copy_(result[-1])
-            torch._foreach_copy_(targets, list(result[:-1]))
-            for p, c in zip(publish, cache):
-                if p is not None:
-                    p.copy_(c)
-            return cache
-        return compute
-
-    @staticmethod
-    def _serve_fn(cache: tuple, publish: tuple) -> Callable[[], None]:
-        pairs = [(p, c) for p, c in zip(publish, cache) if p is not None]
-
-        def serve() -> None:
-            for p, c in pairs:
-                p.copy_(c)
-        return serve
+        def serve():
+            torch._foreach_copy_(list(outs), list(step.serve(*ins, *held)))
+            return ()
+        serve_replay, _ = capture.capture(serve)
+        return replay, serve_replay, outs
 
     def _graphs(self, state: BranchState, args: Sequence[Any]) -> BranchGraphs:
-        while len(self.branches) <= state.branch:
-            self.branches.append(None)
-        graphs = self.branches[state.branch]
+        graphs = self.graphs.get(state)
         if graphs is None or graphs.signature != state.signature:
             if graphs is not None:
-                log.info("CFG branch %d: input shapes changed, recapturing", state.branch)
+                log.info("branch %d: input shapes changed, recapturing", state.branch)
             if any(state.mask):
                 raise ForesightError("internal: a capture must start on a step that computes "
                                      "every block")
-            graphs = self.branches[state.branch] = self._capture(state, args)
+            graphs = self.graphs[state] = self._capture(state, args)
         return graphs
 
     # -- one evaluation --------------------------------------------------------------------
-    def __call__(self, *args):
-        state = self.controller.begin(args)
+    def run(self, state: BranchState, args) -> tuple:
         graphs = self._graphs(state, args)
+        ptrs = tuple(map(torch.Tensor.data_ptr, self._params(args)))
+        if ptrs != graphs.param_ptrs:
+            index, was, now = next((self.param_slots[k], a, b) for k, (a, b) in
+                                   enumerate(zip(graphs.param_ptrs, ptrs)) if a != b)
+            raise ForesightError(
+                f"graph input {index} is a parameter whose storage moved since capture "
+                f"(captured at {was:#x}, now {now:#x}); update weights in place "
+                f"(param.data.copy_) or compile again")
         static = graphs.static_inputs
-        for i in self.param_slots:
-            if args[i] is not static[i] and args[i].data_ptr() != static[i].data_ptr():
-                raise ForesightError(
-                    f"graph input {i} is a parameter whose storage moved since capture "
-                    f"(captured at {static[i].data_ptr():#x}, now {args[i].data_ptr():#x}); "
-                    f"update weights in place (param.data.copy_) or compile again")
         for i in graphs.copied:
             static[i].copy_(args[i])
-        mask = state.mask
-        fresh = state.buffers.tensors[0] is None  # first call or invalidated: no cache held
-        for k, replay in step_schedule(self.step_blocks, mask):
-            if replay:
-                graphs.replays[k]()
+        serves = graphs.serves
+        for k, compute in step_schedule(self.step_blocks, state.mask):
+            if compute:
+                graphs.computes[k]()
                 graphs.replayed += 1
-            elif graphs.serves[k] is not None:
-                graphs.serves[k]()
-        if self.uses_cache:
-            if fresh:
-                # The graphs measured against a cache of no use to this generation; as in
-                # SegmentExecutor, a block's first compute records only finiteness.
-                state.policy_state.metrics[:, MSE].zero_()
-            state.buffers.tensors[:] = graphs.caches
-        for l, reused in enumerate(mask):
-            self.block_computes[l] += not reused
-        self.controller.end(state)
+            elif serves[k] is not None:
+                serves[k]()
+                graphs.replayed += 1
         env = graphs.env
         return tuple(env[v].clone() if kind == "slot" and isinstance(env[v], torch.Tensor)
                      else env[v] if kind == "slot" else v for kind, v in self.output_spec)

@@ -177,3 +177,41 @@ def test_a_users_module_factory_workload_runs_and_bad_specs_are_named():
         load_workload("toy:nope")
     with pytest.raises(ValueError, match="unknown workload 'wan-huge'"):
         load_workload("wan-huge")
+
+
+def _result(name, family, speedup, psnr, error=None):
+    from foresight_compile.bench.report import MethodResult
+    return MethodResult(name, name.split("(")[0], family, {}, False, speedup=speedup, psnr=psnr,
+                        error=error)
+
+
+def test_fronts_and_verdict_name_our_fastest_point_at_each_peers_psnr():
+    methods = [_result("inductor", "baseline", 1.0, 150.0),
+               _result("a", "ours", 3.0, 38.0), _result("b", "ours", 2.0, 50.0),
+               _result("c", "ours", 1.5, 45.0),  # dominated by b
+               _result("p1", "peer", 2.5, 37.0), _result("p2", "peer", 2.2, 49.0),
+               _result("p3", "peer", 1.2, 60.0), _result("p4", "peer", 9.0, 10.0, error="boom")]
+    report = BenchReport("w", 50, 5, 0, "d", "t", "d", 2, 0.9, methods)
+    assert [m.name for m in report.front("ours")] == ["a", "b"]
+    assert [m.name for m in report.front("peer")] == ["p1", "p2", "p3"]
+    rows = {r.peer: r for r in report.verdict()}
+    assert set(rows) == {"p1", "p2", "p3"}  # the failed peer point is not judged
+    assert (rows["p1"].ours, rows["p1"].ratio) == ("a", pytest.approx(3.0 / 2.5))
+    assert (rows["p2"].ours, rows["p2"].dominated) == ("b", False)  # 2.0x < 2.2x
+    assert rows["p3"].ours is None and not rows["p3"].dominated
+    data = report.to_dict()
+    assert data["fronts"] == {"ours": ["a", "b"], "peer": ["p1", "p2", "p3"]}
+    assert [v["ours"] for v in data["verdict"]] == ["a", "b", None]
+    assert "1 of 3 peer points dominated" in report.table()
+    assert BenchReport.from_dict(json.loads(report.to_json())).methods[1].name == "a"
+
+
+def test_sweep_peers_expands_each_peer_over_its_own_knobs():
+    from foresight_compile.bench.methods import PEER_SWEEPS, sweep_peers
+    specs = sweep_peers(parse_methods("inductor,static,taylorseer,magcache,fbc(threshold=0.1)"))
+    names = [s.name for s in specs]
+    assert names[:2] == ["inductor", "static"] and "fbc(threshold=0.1)" in names
+    taylor = [s for s in specs if s.kind == "taylorseer"]
+    assert len(taylor) == len(PEER_SWEEPS["taylorseer"]) >= 3
+    assert {dict(s.options)["max_order"] for s in taylor} == {1, 2}
+    assert len([s for s in specs if s.kind == "magcache"]) >= 3

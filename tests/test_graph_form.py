@@ -5,7 +5,7 @@ import torch
 import foresight_compile
 from conftest import rel_err
 from foresight_compile import models
-from foresight_compile.inductor_fixes import exact_cond_operand_strides, needs_cond_stride_fix
+from foresight_compile.lowering.inductor_fixes import exact_cond_operand_strides, needs_cond_stride_fix
 from foresight_compile.passes.blocks import find_blocks
 from foresight_compile.passes.cache_branch import insert_cache_branches
 from foresight_compile.passes.partition import partition_blocks

@@ -13,8 +13,10 @@ import foresight_compile  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from foresight_compile import models  # noqa: E402
 from foresight_compile.errors import ForesightValueError  # noqa: E402
-from foresight_compile.export import (ManifestMismatchError, export_onnx, manifest_path_for,  # noqa: E402
-                                      read_manifest, write_manifest)
+from foresight_compile.export import export_onnx  # noqa: E402
+from foresight_compile.runtime.engines.manifest import (ManifestMismatchError,  # noqa: E402
+                                                        manifest_path_for, read_manifest,
+                                                        write_manifest)
 from foresight_compile.runtime import OrtEngine  # noqa: E402
 
 POLICY = {"warmup": 3, "recompute_every": 2, "threshold": 50.0}
@@ -156,7 +158,7 @@ def test_cache_buffers_are_preallocated_once_and_keep_their_addresses(wan):
 
     def record(_):
         seen.append(engine.cache_addresses(0))
-        state = engine.controller.branches[0]
+        state = engine.controller.live_states()[0]
         held.append(tuple(t.data_ptr() for ts in state.buffers.tensors for t in ts))
 
     models.denoise(engine, dit, 8, on_step=record)

@@ -14,6 +14,15 @@ def _state(mse, thr):
     return s
 
 
+def _decide(policy, state) -> torch.Tensor:
+    """The device decision, written into a preallocated mask as the controller does."""
+    out = torch.zeros(state.thresholds.shape, dtype=torch.bool)
+    before = out.data_ptr()
+    policy.decide(state, out)
+    assert out.data_ptr() == before  # written in place
+    return out
+
+
 def test_registry_lists_policies_and_rejects_unknown_and_duplicates():
     assert {"none", "static", "foresight"} <= set(available_policies())
     with pytest.raises(ValueError, match="unknown policy 'x'.*foresight"):
@@ -31,15 +40,15 @@ def test_foresight_schedule_warmup_then_every_r_steps():
 def test_foresight_per_layer_reuses_blocks_under_their_threshold():
     p = get_policy("foresight")(Options(policy="foresight"))
     s = _state([0.1, 0.5, 0.2, 0.9], [0.2, 0.4, 0.2, 1.0])
-    assert p.reusable(s).tolist() == [True, False, True, True]
+    assert _decide(p, s).tolist() == [True, False, True, True]
 
 
 def test_foresight_prefix_skips_up_to_the_deepest_block_under_threshold():
     p = get_policy("foresight")(Options(policy="foresight", decision="prefix"))
     s = _state([0.1, 0.5, 0.2, 0.9], [0.2, 0.4, 0.3, 0.5])
-    assert p.reusable(s).tolist() == [True, True, True, False]
+    assert _decide(p, s).tolist() == [True, True, True, False]
     s = _state([0.3, 0.5], [0.2, 0.4])
-    assert p.reusable(s).tolist() == [False, False]
+    assert _decide(p, s).tolist() == [False, False]
 
 
 def test_foresight_threshold_is_lambda_times_last_warmup_mse():
@@ -49,13 +58,13 @@ def test_foresight_threshold_is_lambda_times_last_warmup_mse():
     assert s.thresholds.tolist() == [-1.0, -1.0]
     p.observe(3, 4, s)
     assert s.thresholds.tolist() == pytest.approx([0.1, 0.3])
-    assert not p.reusable(_state([0.0, 0.0], [-1.0, -1.0])).any()  # before warmup ends
+    assert not _decide(p, _state([0.0, 0.0], [-1.0, -1.0])).any()  # before warmup ends
 
 
 def test_static_computes_every_n_steps_after_warmup_and_reuses_the_rest():
     p = get_policy("static")(Options(policy="static", warmup=2, recompute_every=3))
     assert [s for s in range(10) if p.computes_all(s, 2)] == [0, 1, 2, 5, 8]
-    assert p.reusable(_state([9.0], [-1.0])).tolist() == [True]
+    assert _decide(p, _state([9.0], [-1.0])).tolist() == [True]
 
 
 def test_none_always_computes():

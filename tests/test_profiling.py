@@ -104,7 +104,7 @@ def test_optimize_with_profiling_calibrates_on_the_first_call():
                                interval_max=3, interval_min=2)
     first = run(8, 32)
     assert torch.equal(first, reference)  # the calibration generation runs uncached
-    prof = pipe._foresight_optimized.profile
+    prof = foresight_compile.calibrated_profile(pipe)
     assert prof is not None and len(prof.block_paths) == 2
     prof = dataclasses.replace(prof, foreground=[False, True])
     torch._dynamo.reset()

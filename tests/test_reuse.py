@@ -38,7 +38,7 @@ def run():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             out = fast(**kw)
         calls.append(_sdpa_calls(prof))
-        branch = programs_of(dit.model)[0].controller.branches[0]
+        branch = programs_of(dit.model)[0].controller.live_states()[0]
         per_step.append((branch.policy_state.metrics[:, 0].clone(),
                          branch.policy_state.thresholds.clone()))
         return out
@@ -142,7 +142,7 @@ def test_cfg_two_calls_per_step_keep_separate_caches():
     shared = torch.compile(dit.model, backend="foresight", options=opts)
     together = cfg_loop(shared, shared)
     s = foresight_compile.stats(shared)
-    assert len(programs_of(dit.model)[0].controller.branches) == 2
+    assert len(programs_of(dit.model)[0].controller.live_states()) == 2
     torch._dynamo.reset()
     cond_only = torch.compile(copy.deepcopy(dit.model), backend="foresight", options=opts)
     uncond_only = torch.compile(copy.deepcopy(dit.model), backend="foresight", options=opts)
@@ -167,6 +167,6 @@ def test_residual_reuse_serves_input_plus_cached_residual():
     # both reuse the same steps; they differ in what they serve, and stay near the reference
     assert not torch.equal(out, other)
     assert rel_err(out, reference) < 0.05 and rel_err(other, reference) < 0.05
-    held = programs_of(dit.model)[0].controller.branches[0].buffers.tensors
+    held = programs_of(dit.model)[0].controller.live_states()[0].buffers.tensors
     hidden = 8 * 8 * 8
     assert all(t[0].shape == (1, hidden, 24) for t in held)

@@ -146,11 +146,11 @@ def test_stats_accepts_the_original_model_too():
 
 
 def test_named_branches_and_generation_context_replace_guessing():
-    from foresight_compile.runtime.controller import call_context
+    from foresight_compile.runtime.context import Request, call_context
 
     ctrl = _controller(warmup=0.5, recompute_every=4)
     x = torch.randn(3, 4)
-    with call_context(generation=1, num_steps=4):
+    with call_context(request=Request(), num_steps=4):
         with call_context(branch="uncond"):
             u = _run(ctrl, x, 1000.0)
         with call_context(branch="cond"):
@@ -159,9 +159,11 @@ def test_named_branches_and_generation_context_replace_guessing():
             assert _run(ctrl, x, 900.0) is c  # by name, not by call order
         assert u.warmup == c.warmup == 2  # fraction resolved from the pipeline's step count
     first_generation = c.generation
-    with call_context(generation=2, num_steps=4, branch="cond"):
+    with call_context(request=Request(), num_steps=4, branch="cond"):
         again = _run(ctrl, x, 800.0)  # a new generation although t kept falling
-    assert again is c and again.generation == first_generation + 1 and again.step == 1
+    # A new request has its own state (never the previous request's cache), from step 0.
+    assert again is not c and again.generation == first_generation + 1 and again.step == 1
+    assert again.buffers.tensors[0][0].data_ptr() != c.buffers.tensors[0][0].data_ptr()
 
 
 def test_generation_api_starts_fresh_generations():
@@ -216,3 +218,59 @@ def test_residual_reuse_is_exact_when_the_residual_is_constant():
 def test_residual_reuse_needs_the_host_branch_form():
     with pytest.raises(ValueError, match="'reuse'='residual'"):
         Options(reuse="residual", form="graph")
+
+
+def _masks_with_lookahead(lookahead: int) -> list[list[bool]]:
+    opts = Options(policy="foresight", lowering="eager", warmup=2, recompute_every=3,
+                   threshold=1.0, lookahead=lookahead)
+    ctrl = ReuseController(2, get_policy("foresight")(opts), timestep_index=1,
+                           signature_indices=[0], lookahead=lookahead)
+    x = torch.randn(3, 4)
+    # The MSE each block reports when it computes at a step (thresholds: 0.5 after warmup):
+    # at step 2 block 1 is over its threshold, afterwards both are under.
+    mse = {0: (0.0, 0.0), 1: (0.5, 0.5), 2: (0.1, 9.0), 3: (0.1, 0.1), 4: (0.1, 0.1),
+           5: (0.1, 0.1), 6: (0.1, 0.1)}
+    masks = []
+    for step, t in enumerate([1000.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0]):
+        state = ctrl.begin([x, torch.tensor([t])])
+        masks.append(list(state.mask))
+        for l in range(2):
+            if not state.mask[l]:
+                state.buffers.store(l, (x.clone(),))
+                state.policy_state.metrics[l, 0] = mse[step][l]
+                state.policy_state.metrics[l, 1] = 1.0
+        ctrl.end(state)
+    return masks
+
+
+def test_lookahead_two_decides_each_step_from_the_metrics_two_steps_back():
+    computed = [False, False]
+    # Steps 0-1 warm up, 2 and 5 recompute everything.
+    one = _masks_with_lookahead(1)
+    assert one == [computed] * 3 + [[True, False], [True, True], computed, [True, True]]
+    two = _masks_with_lookahead(2)
+    # Step 3 reads the decision made after step 1, step 4 the one after step 2 (block 1
+    # over), step 6 the one after step 4.
+    assert two == [computed] * 3 + [[True, True], [True, False], computed, [True, True]]
+
+
+def test_lookahead_two_never_serves_a_non_finite_output():
+    torch.manual_seed(0)
+    opts = {**STATIC, "warmup": 1, "recompute_every": 2, "lookahead": 2}
+    model = ToyDiT(layers=2).eval()
+    fast = torch.compile(model, backend="foresight", options=opts)
+    x = torch.randn(1, 4, 8)
+    bad = x.clone()
+    bad[0, 0, 0] = float("inf")
+    outs = [_step(fast, inp, t) for t, inp in
+            [(1000.0, x), (900.0, x), (800.0, x), (700.0, bad), (600.0, x), (500.0, x)]]
+    mask = foresight_compile.stats(fast).mask
+    assert mask[4] == [True, True]  # decided two steps back, before the inf appeared
+    # Step 3 computed inf and left the caches at their step-1 values: step 4 serves those.
+    assert torch.isfinite(outs[4]).all()
+    torch.testing.assert_close(outs[4], outs[2], rtol=0, atol=0)
+
+
+def test_lookahead_accepts_one_or_two_only():
+    with pytest.raises(ValueError, match="'lookahead' must be 1 or 2"):
+        Options(lookahead=3)

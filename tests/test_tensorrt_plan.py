@@ -13,12 +13,14 @@ import onnx  # noqa: E402
 
 import foresight_compile  # noqa: E402
 from foresight_compile.errors import ForesightValueError  # noqa: E402
-from foresight_compile.export import (METRIC_NODE_PREFIX, ManifestMismatchError, TensorSpec,  # noqa: E402
-                                      binding_plan, check_against_manifest, export_onnx,
-                                      manifest_mismatches, manifest_path_for, write_manifest)
-from foresight_compile.tensorrt import (BuildSettings, TensorRTUnavailableError, TrtEngine,  # noqa: E402
-                                        engine_manifest, metric_layers, trt_dtype_name,
-                                        verify_engine_file)
+from foresight_compile.export import export_onnx  # noqa: E402
+from foresight_compile.export.tensorrt import (BuildSettings, engine_manifest,  # noqa: E402
+                                               metric_layers)
+from foresight_compile.runtime.engines.manifest import (  # noqa: E402
+    METRIC_NODE_PREFIX, ManifestMismatchError, TensorSpec, binding_plan, check_against_manifest,
+    manifest_mismatches, manifest_path_for, write_manifest)
+from foresight_compile.runtime.engines.tensorrt import (  # noqa: E402
+    TensorRTUnavailableError, TrtEngine, trt_dtype_name, verify_engine_file)
 from toy import ToyDiT  # noqa: E402
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

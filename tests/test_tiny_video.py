@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from foresight_compile import models
-from foresight_compile import tiny_video as tv
+from foresight_compile.models import tiny_video as tv
 
 # The first prompts of the acceptance set (examples/sample_tiny_dit.py --evaluate 32 runs
 # all 32); the thresholds are the acceptance ones.
@@ -233,7 +233,7 @@ def test_reuse_on_the_trained_model_keeps_what_it_draws():
     from conftest import rel_err
     from foresight_compile.bench.metrics import psnr
 
-    dit = models.tiny_video(prompts=4)
+    dit = models.tiny_video_workload(prompts=4)
     steps = 20
     reference = models.denoise(torch.compile(dit.model, backend="inductor"), dit, steps)
     torch._dynamo.reset()

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from foresight_compile.errors import ForesightValueError
+from foresight_compile.passes.blocks import module_block_stacks
 
 OURS = ("none", "static", "foresight")
 PEERS = ("fbc", "pab", "taylorseer", "magcache", "cache-dit")
@@ -69,6 +70,29 @@ class MethodSpec:
         return _diffusers_peer(self.kind, model, dict(self.options), steps, self.compiled, calibrate)
 
 
+# Each peer's own knobs, swept by ``--sweep-peers``: the settings a user would try, from the
+# conservative end to past the point where quality breaks (so the peer's front is measured,
+# not guessed from one point).
+PEER_SWEEPS: dict[str, tuple[dict[str, Any], ...]] = {
+    "taylorseer": tuple({"cache_interval": n, "max_order": o} for o in (1, 2) for n in (2, 3, 4, 5, 6)),
+    "magcache": tuple({"threshold": t} for t in (0.02, 0.06, 0.12, 0.24, 0.5)),
+    "fbc": tuple({"threshold": t} for t in (0.03, 0.05, 0.1, 0.2, 0.3)),
+    "cache-dit": tuple({"threshold": t, "taylorseer": True} for t in (0.05, 0.1, 0.2, 0.3)),
+    "pab": ({},),
+}
+
+
+def sweep_peers(specs: list[MethodSpec]) -> list[MethodSpec]:
+    """Every peer given without options becomes its ``PEER_SWEEPS`` settings; the rest stay."""
+    out = []
+    for s in specs:
+        if s.family == "peer" and not s.options:
+            out += [dataclasses.replace(s, options=tuple(o.items())) for o in PEER_SWEEPS[s.kind]]
+        else:
+            out.append(s)
+    return out
+
+
 def parse_methods(text: str, sweep: dict[str, list[Any]] | None = None) -> list[MethodSpec]:
     """``inductor,eager,none,static,foresight,fbc,fbc+compile,...``; ``kind(key=value,...)``
     sets options. ``sweep`` expands every method whose kind accepts the key."""
@@ -79,7 +103,7 @@ def parse_methods(text: str, sweep: dict[str, list[Any]] | None = None) -> list[
             raise ForesightValueError(
                 f"unknown method {item!r}; accepted: {', '.join(BASELINES + _ours() + PEERS)} "
                 "(peers also as NAME+compile; options as NAME(key=value,...))")
-        options = tuple((k.strip(), _value(v.strip())) for k, v in
+        options = tuple((k.strip(), parse_value(v.strip())) for k, v in
                         (kv.split("=", 1) for kv in m.group(3).split(",") if kv.strip())) if m.group(3) else ()
         specs.append(MethodSpec(m.group(1), options, bool(m.group(2))))
     for key, values in (sweep or {}).items():
@@ -97,8 +121,9 @@ def parse_methods(text: str, sweep: dict[str, list[Any]] | None = None) -> list[
     return specs
 
 
-_SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache", "cache-dit"), "recompute_every": ("static", "foresight"),
-              "warmup": ("static", "foresight"), "cache_interval": ("taylorseer",)}
+_SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache", "cache-dit"),
+              "recompute_every": ("static", "foresight"), "warmup": ("static", "foresight"),
+              "cache_interval": ("taylorseer",), "max_order": ("taylorseer",)}
 
 
 def _ours() -> tuple[str, ...]:
@@ -121,20 +146,14 @@ def _split_top(text: str) -> list[str]:
     return [p for p in parts + [cur] if p.strip()]
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A command-line option value: an int, else a float, else the text."""
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
     return text
-
-
-def block_stacks(model: torch.nn.Module) -> list[str]:
-    """Names of ModuleLists of at least two container modules: the model's block stacks."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and len(m) >= 2
-            and all(len(list(c.children())) > 0 for c in m)]
 
 
 class _Timestep:
@@ -148,7 +167,7 @@ def _diffusers_peer(kind: str, model, options: dict, steps: int, compiled: bool,
     from diffusers.hooks import HookRegistry
 
     current = _Timestep()
-    stacks = block_stacks(model)
+    stacks = module_block_stacks(model)
     if kind == "fbc":
         config = FirstBlockCacheConfig(**{"threshold": 0.05, **options})
     elif kind == "pab":
@@ -205,18 +224,24 @@ def _magcache_ratios(model, steps: int, calibrate: Callable) -> list[float]:
 
 
 def _cache_dit(model, options: dict, steps: int, compiled: bool) -> Prepared:
-    """cache-dit's DBCache on the bare transformer (its transformer-only flow)."""
+    """cache-dit's DBCache on the bare transformer (its transformer-only flow); option
+    ``taylorseer=True`` adds its TaylorSeer calibrator (order 1, as cache-dit recommends)."""
     try:
         import cache_dit
-        from cache_dit import DBCacheConfig
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
     except ImportError:
         raise ForesightValueError(
             "cache-dit is not installed (pip install 'foresight-compile[peers]')") from None
     settings = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0,
                 # the benchmark loop makes one call per step (batched or no CFG)
                 "enable_separate_cfg": False}
+    calibrator = None
     for key, value in options.items():
-        settings["residual_diff_threshold" if key == "threshold" else key] = value
-    cache_dit.enable_cache(model, cache_config=DBCacheConfig(num_inference_steps=steps, **settings))
+        if key == "taylorseer":
+            calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if value else None
+        else:
+            settings["residual_diff_threshold" if key == "threshold" else key] = value
+    cache_dit.enable_cache(model, cache_config=DBCacheConfig(num_inference_steps=steps, **settings),
+                           calibrator_config=calibrator)
     fn = torch.compile(model) if compiled else model
     return Prepared(fn, lambda: cache_dit.refresh_context(model, num_inference_steps=steps))

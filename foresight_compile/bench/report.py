@@ -15,7 +15,15 @@ JSON schema (``schema_version`` 1)::
                   "cache_bytes": int|null,        # ours: exact buffer bytes; peers: null
                   "psnr": float|null, "ssim": float|null,  # final latent vs uncached eager
                   "ceiling": float|null,          # 1 / (1 - block_share * skipped)
-                  "error": str|null}]}            # why a method did not run
+                  "error": str|null}],            # why a method did not run
+     # derived from "methods" when written (ignored when read):
+     "fronts": {"ours": [name, ...], "peer": [name, ...]},   # Pareto-optimal, fastest first
+     "verdict": [{"peer": name, "peer_speedup": float, "peer_psnr": float,
+                  "ours": name|null, "ours_speedup": float|null, "ours_psnr": float|null,
+                  "ratio": float|null}]}        # ours_speedup / peer_speedup
+
+The verdict answers, for every peer point: which of our points is the fastest with at least
+the peer's PSNR, and how much faster (``ratio`` >= 1: the peer point is dominated).
 """
 from __future__ import annotations
 
@@ -46,6 +54,39 @@ class MethodResult:
     error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class VerdictRow:
+    peer: str
+    peer_speedup: float
+    peer_psnr: float
+    ours: str | None  # our fastest method with PSNR >= the peer's (None: none reaches it)
+    ours_speedup: float | None
+    ours_psnr: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.ours_speedup is None else self.ours_speedup / self.peer_speedup
+
+    @property
+    def dominated(self) -> bool:
+        return self.ratio is not None and self.ratio >= 1.0
+
+
+def _measured(m: MethodResult) -> bool:
+    return not m.error and m.speedup is not None and m.psnr is not None
+
+
+def pareto_front(methods: list[MethodResult]) -> list[MethodResult]:
+    """The methods no other one beats on both speedup and PSNR, fastest first."""
+    points = sorted((m for m in methods if _measured(m)), key=lambda m: (-m.speedup, -m.psnr))
+    front, best_psnr = [], -math.inf
+    for m in points:
+        if m.psnr > best_psnr:
+            front.append(m)
+            best_psnr = m.psnr
+    return front
+
+
 @dataclasses.dataclass
 class BenchReport:
     workload: str
@@ -66,8 +107,49 @@ class BenchReport:
                 return m
         raise KeyError(f"no method {name!r} in the report; present: {[m.name for m in self.methods]}")
 
+    def front(self, family: str) -> list[MethodResult]:
+        return pareto_front([m for m in self.methods if m.family == family])
+
+    def verdict(self) -> list[VerdictRow]:
+        """For every measured peer point, our fastest point with at least its PSNR."""
+        ours = [m for m in self.methods if m.family == "ours" and _measured(m)]
+        rows = []
+        for peer in (m for m in self.methods if m.family == "peer" and _measured(m)):
+            able = [m for m in ours if m.psnr >= peer.psnr]
+            best = max(able, key=lambda m: m.speedup, default=None)
+            rows.append(VerdictRow(peer.name, peer.speedup, peer.psnr,
+                                   best and best.name, best and best.speedup, best and best.psnr))
+        return rows
+
+    def verdict_text(self, markdown: bool = False) -> str:
+        rows = self.verdict()
+        if not rows:
+            return ""
+        won = sum(r.dominated for r in rows)
+        head = f"verdict: {won} of {len(rows)} peer points dominated by one of ours"
+        if markdown:
+            lines = [f"**{head}** (ours: the fastest of our points with PSNR >= the peer's)", "",
+                     "| peer | speedup | PSNR dB | ours | speedup | PSNR dB | ratio |",
+                     "|---|---:|---:|---|---:|---:|---:|"]
+            for r in rows:
+                lines.append(f"| {r.peer} | {r.peer_speedup:.2f}x | {_f(r.peer_psnr, '.1f')} | "
+                             f"{r.ours or 'none reaches its PSNR'} | {_f(r.ours_speedup, '.2f', 'x')} | "
+                             f"{_f(r.ours_psnr, '.1f')} | {_f(r.ratio, '.2f', 'x')} |")
+            return "\n".join(lines) + "\n"
+        lines = [head]
+        for r in rows:
+            mark = "won " if r.dominated else "LOST"
+            lines.append(f"  {mark} {r.peer:<38} {r.peer_speedup:5.2f}x {_f(r.peer_psnr, '.1f'):>5} dB"
+                         f"  <- {r.ours or 'none reaches its PSNR'} "
+                         f"{_f(r.ours_speedup, '.2f', 'x')} {_f(r.ours_psnr, '.1f')} dB"
+                         f" (ratio {_f(r.ratio, '.2f', 'x')})")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
-        return _jsonable(dataclasses.asdict(self))
+        d = dataclasses.asdict(self)
+        d["fronts"] = {f: [m.name for m in self.front(f)] for f in ("ours", "peer")}
+        d["verdict"] = [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.verdict()]
+        return _jsonable(d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -97,7 +179,13 @@ class BenchReport:
                 f"{_f(m.ceiling, '.2f', 'x'):>8}{_f(m.skipped, '.0%'):>8}{_f(m.psnr, '.1f'):>7}"
                 f"{_f(m.ssim, '.3f'):>7}{_f(m.compile_seconds, '.1f'):>10}"
                 f"{_f(None if m.cache_bytes is None else m.cache_bytes / 2**20, '.2f'):>10}")
-        return "\n".join(lines)
+        for family in ("ours", "peer"):
+            front = self.front(family)
+            if front:
+                lines.append(f"{family} front: " + ", ".join(
+                    f"{m.name} {m.speedup:.2f}x/{_f(m.psnr, '.1f')}dB" for m in front))
+        verdict = self.verdict_text()
+        return "\n".join(lines + ([verdict] if verdict else []))
 
     def markdown(self) -> str:
         rows = ["| method | s/gen | speedup | ceiling | skipped | PSNR dB | SSIM | compile s | cache MiB |",
@@ -113,21 +201,29 @@ class BenchReport:
                 f"{_f(None if m.cache_bytes is None else m.cache_bytes / 2**20, '.2f')} |")
         return (f"**{self.workload}**, {self.steps} steps, median of {self.repeats} generations, "
                 f"torch {self.torch}, diffusers {self.diffusers}, {self.threads} threads, "
-                f"{self.date}; block share f = {_f(self.block_share, '.2f')}\n\n" + "\n".join(rows) + "\n")
+                f"{self.date}; block share f = {_f(self.block_share, '.2f')}\n\n" + "\n".join(rows) + "\n"
+                + ("\n" + self.verdict_text(markdown=True) if self.verdict() else ""))
 
     def pareto_plot(self, path: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+        fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
         colours = {"baseline": "tab:gray", "ours": "tab:blue", "peer": "tab:orange"}
         for m in self.methods:
-            if m.error or m.speedup is None or m.psnr is None:
+            if not _measured(m):
                 continue
             y = min(m.psnr, 100.0)  # identical output: plotted at the top, not at infinity
-            ax.scatter(m.speedup, y, color=colours[m.family], s=30)
-            ax.annotate(m.name, (m.speedup, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(m.speedup, y, color=colours[m.family], s=18, alpha=0.7)
+            ax.annotate(m.name, (m.speedup, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+        for family, label in (("ours", "our front"), ("peer", "peers' front")):
+            front = self.front(family)[::-1]  # slowest (most faithful) first
+            if front:
+                xs = [m.speedup for m in front]
+                ys = [min(m.psnr, 100.0) for m in front]
+                ax.step(xs, ys, where="post", color=colours[family], lw=1.2, label=label)
+        ax.legend(loc="lower left", fontsize=7)
         ax.axvline(1.0, color="k", lw=0.5)
         ax.set_xlabel("speedup vs torch.compile(inductor)")
         ax.set_ylabel("PSNR of final output vs uncached (dB, capped at 100)")

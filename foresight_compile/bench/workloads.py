@@ -23,7 +23,7 @@ BUILTIN: dict[str, Callable[[], models.SmallDiT]] = {
     "wan-ci": lambda: models.wan(layers=12, deep=True),
     "cogvideox": lambda: models.cogvideox(layers=4),
     "latte": lambda: models.latte(layers=2),
-    "tiny-video": lambda: models.tiny_video(prompts=4),
+    "tiny-video": lambda: models.tiny_video_workload(prompts=4),
 }
 
 

@@ -16,8 +16,8 @@ class NoReuse(ReusePolicy):
     def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
         return True
 
-    def reusable(self, state: PolicyState) -> torch.Tensor:
-        return torch.zeros(state.thresholds.shape, dtype=torch.bool, device=state.thresholds.device)
+    def decide(self, state: PolicyState, out: torch.Tensor) -> None:
+        out.fill_(False)
 
 
 @register_policy("static")
@@ -29,5 +29,5 @@ class StaticReuse(ReusePolicy):
             return True
         return (step - warmup) % self.options.recompute_every == 0
 
-    def reusable(self, state: PolicyState) -> torch.Tensor:
-        return torch.ones(state.thresholds.shape, dtype=torch.bool, device=state.thresholds.device)
+    def decide(self, state: PolicyState, out: torch.Tensor) -> None:
+        out.fill_(True)

@@ -15,25 +15,39 @@ from __future__ import annotations
 import torch
 
 from foresight_compile.runtime.policies import register_policy
-from foresight_compile.runtime.policies.base import MSE, PolicyState, ReusePolicy
+from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
 
 @register_policy("foresight")
 class ForesightReuse(ReusePolicy):
     needs_metric = True
 
+    def __init__(self, options) -> None:
+        super().__init__(options)
+        # prefix: reuse l iff some block at depth >= l is under its threshold, i.e.
+        # (upper-triangular ones @ under) > 0; made once per device and block count.
+        self._prefix: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
     def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
         if warmup is None or step < warmup:
             return True
         return (step - warmup) % self.options.recompute_every == 0
 
-    def reusable(self, state: PolicyState) -> torch.Tensor:
-        under = state.metrics[:, MSE] <= state.thresholds
+    def decide(self, state: PolicyState, out: torch.Tensor) -> None:
+        torch.le(state.mse, state.thresholds, out=out)
         if self.options.decision == "per_layer":
-            return under
-        # prefix: reuse l iff some block at depth >= l is under its threshold
-        return under.flip(0).cumsum(0).flip(0) > 0
+            return
+        key = (out.device, out.shape[0])
+        if key not in self._prefix:
+            n = out.shape[0]
+            self._prefix[key] = (torch.ones(n, n, device=out.device).triu(),
+                                 torch.zeros(n, device=out.device),
+                                 torch.zeros(n, device=out.device))
+        upper, under, count = self._prefix[key]
+        under.copy_(out)
+        torch.mv(upper, under, out=count)
+        torch.gt(count, 0.5, out=out)
 
     def observe(self, step: int, warmup: int | None, state: PolicyState) -> None:
         if warmup is not None and step == warmup - 1:
-            torch.mul(state.metrics[:, MSE], self.options.threshold, out=state.thresholds)
+            torch.mul(state.mse, self.options.threshold, out=state.thresholds)

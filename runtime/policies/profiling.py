@@ -15,6 +15,7 @@ import torch
 from foresight_compile.errors import ForesightValueError
 from foresight_compile.runtime.policies import register_policy
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
+from foresight_compile.runtime.policies.profile import BlockProfile
 
 
 def refresh_steps(warmup: int, total: int | None, interval_max: int, interval_min: int,
@@ -37,8 +38,6 @@ def refresh_steps(warmup: int, total: int | None, interval_max: int, interval_mi
 class ProfilingReuse(ReusePolicy):
     def __init__(self, options) -> None:
         super().__init__(options)
-        from foresight_compile.profiling import BlockProfile
-
         profile = options.profile
         if profile is None:
             raise ForesightValueError(
@@ -58,11 +57,11 @@ class ProfilingReuse(ReusePolicy):
                                                 self.options.interval_min)
         return step in self._schedule[key]
 
-    def reusable(self, state: PolicyState) -> torch.Tensor:
-        if self._background is None or self._background.device != state.thresholds.device:
+    def decide(self, state: PolicyState, out: torch.Tensor) -> None:
+        if self._background is None or self._background.device != out.device:
             self._background = torch.tensor([not fg for fg in self.profile.foreground],
-                                            dtype=torch.bool, device=state.thresholds.device)
-        return self._background
+                                            dtype=torch.bool, device=out.device)
+        out.copy_(self._background)
 
     def caches_residual(self, block: int) -> bool:
         return not self.profile.foreground[block]

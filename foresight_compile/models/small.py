@@ -1,10 +1,10 @@
-"""Small configurations of real diffusers DiTs (no hub access needed).
+"""Bench workloads: small configurations of real diffusers DiTs (no hub access needed).
 
 Each factory returns a ``SmallDiT``: the model, its latent shape, and how to build one
 forward call's keyword arguments. ``wan``/``cogvideox``/``latte`` have random weights, in
 the configurations measured in ``shared/FACTS.md`` (``layers`` deepens them);
-``tiny_video`` is the trained Wan shipped with the package (``tiny_video.py``), the one to
-quote fidelity figures on.
+``tiny_video_workload`` is the trained Wan shipped with the package (``models/tiny_video/``), the one to quote
+fidelity figures on.
 """
 from __future__ import annotations
 
@@ -78,10 +78,10 @@ def latte(layers: int = 2, seed: int = 0) -> SmallDiT:
                     {"enable_temporal_attentions": True}, prediction_channels=4)
 
 
-def tiny_video(prompts: int = 4, path=None) -> SmallDiT:
+def tiny_video_workload(prompts: int = 4, path=None) -> SmallDiT:
     """The trained tiny video DiT on the first ``prompts`` evaluation prompts (one clip each):
     the latent is the clip itself (pixel space, (B, 3, 8, 32, 32) in [-1, 1])."""
-    from foresight_compile import tiny_video as tv
+    from foresight_compile.models import tiny_video as tv
     transformer, encoder, scheduler_config = tv.load_tiny_video_dit(path)
     chosen = tv.evaluation_prompts(prompts)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def tiny_video(prompts: int = 4, path=None) -> SmallDiT:
 
 
 FACTORIES: dict[str, Callable[..., SmallDiT]] = {"wan": wan, "cogvideox": cogvideox, "latte": latte,
-                                                 "tiny-video": tiny_video}
+                                                 "tiny-video": tiny_video_workload}
 
 
 def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=None) -> torch.Tensor:
@@ -114,7 +114,7 @@ def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=N
 
 def tiny_video_dit(path=None):
     """The trained tiny video DiT shipped with the package (not random weights):
-    ``(transformer, prompt_encoder, scheduler_config)``; see ``foresight_compile.tiny_video``
+    ``(transformer, prompt_encoder, scheduler_config)``; see ``foresight_compile.models.tiny_video``
     for the data it was trained on, ``sample`` and ``evaluate_samples``."""
-    from foresight_compile.tiny_video import load_tiny_video_dit
+    from foresight_compile.models.tiny_video.model import load_tiny_video_dit
     return load_tiny_video_dit(path)

@@ -1,0 +1,57 @@
+"""Lowering of the graph form for the torch executor: one graph, a ``cond`` per block.
+
+``lower_graph_form(segmented, example_inputs, lowering)`` builds the in-place graph form
+(``insert_cache_branches(..., in_place=True)``), lowers it whole (Inductor, with the
+``cond`` stride workaround of ``inductor_fixes``; or eager), and returns it with each
+block's cache specs from the traced output shapes. Raises ``BlockDiscoveryError`` for
+dynamic shapes, which the graph form cannot hold.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from foresight_compile.errors import BlockDiscoveryError
+from foresight_compile.lowering.inductor_fixes import exact_cond_operand_strides
+from foresight_compile.passes.cache_branch import insert_cache_branches
+from foresight_compile.passes.partition import Segmented
+
+CacheSpecs = tuple[tuple[tuple[tuple[int, ...], torch.dtype], ...], ...]
+
+
+def block_cache_specs(segmented: Segmented) -> CacheSpecs:
+    """Per block, ``(shape, dtype)`` of each output, from the traced example values."""
+    specs = []
+    for name in segmented.block_submods:
+        out = next(iter(segmented.gm.get_submodule(name).graph.find_nodes(op="output"))).args[0]
+        block = []
+        for node in out:
+            value = node.meta.get("example_value", node.meta.get("val"))
+            if not isinstance(value, torch.Tensor) or any(
+                    not isinstance(d, int) for d in value.shape):
+                raise BlockDiscoveryError(
+                    f"form='graph' needs static shapes, but an output of {name} has shape "
+                    f"{getattr(value, 'shape', None)}; use form='segments' for dynamic shapes")
+            block.append((tuple(value.shape), value.dtype))
+        specs.append(tuple(block))
+    return tuple(specs)
+
+
+def lower_graph_form(segmented: Segmented, example_inputs: Sequence,
+                     lowering: str) -> tuple[Callable, CacheSpecs]:
+    specs = block_cache_specs(segmented)
+    graph_gm = insert_cache_branches(segmented, in_place=True)
+    if lowering != "inductor":
+        return graph_gm.forward, specs
+    from torch._inductor.compile_fx import compile_fx
+
+    device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor))
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for block in specs
+              for shape, dtype in block]
+    storage = torch.zeros(len(specs), 16, device=device)  # metric rows, as PolicyState lays them
+    rows = [storage[l, :2] for l in range(len(specs))]
+    mask = torch.zeros(len(specs), dtype=torch.bool, device=device)
+    with exact_cond_operand_strides():
+        fn = compile_fx(graph_gm, [*example_inputs, mask, *caches, *rows])
+    return fn, specs

@@ -1,0 +1,8 @@
+"""Models to measure on: the bench workloads (small configs of diffusers DiTs, ``small``)
+and the trained tiny video DiT (``tiny_video``)."""
+from foresight_compile.models.small import (DEFAULT_SCHEDULER, FACTORIES, SmallDiT, cogvideox,
+                                            denoise, latte, tiny_video_dit,
+                                            tiny_video_workload, wan)
+
+__all__ = ["DEFAULT_SCHEDULER", "FACTORIES", "SmallDiT", "cogvideox", "denoise", "latte",
+           "tiny_video_dit", "tiny_video_workload", "wan"]

@@ -1,0 +1,187 @@
+"""ExportedEngine: the runtime-independent driver of an exported graph-form model.
+
+It holds everything that does not depend on the inference runtime: the ``ReuseController``
+and policy (the very classes the torch backend uses), argument checks, and the preallocated
+buffers of ``binding_plan(manifest)``. A call is one ``Executor.evaluate``:
+
+1. the tensor arguments are copied into the static input buffers (checked against the
+   manifest);
+2. ``controller.begin`` finds the request, CFG branch and step and sets the host mask;
+3. ``run`` writes the mask into its static buffer and runs the engine bound to the branch's
+   cache bank of the current parity (bank ``p`` in, bank ``1 - p`` out: no cache is copied),
+   feeds ``block_stats`` of the computed blocks into the policy metrics (reused blocks keep
+   theirs) and flips the branch's ``CacheBuffers`` to the bank just written;
+4. ``controller.end`` counts, records and decides the next mask.
+
+Cache banks are allocated once per branch state, bound once per parity, and never move: the
+addresses handed to the runtime at bind time are the ones it writes for every step.
+Subclasses (``OrtEngine``, ``TrtEngine``) implement ``_bind`` and ``_run``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Mapping
+
+import torch
+
+from foresight_compile.errors import ForesightValueError
+from foresight_compile.runtime.controller import ReuseController
+from foresight_compile.runtime.engines.manifest import Manifest, binding_plan, torch_dtype
+from foresight_compile.runtime.executor import Executor
+from foresight_compile.runtime.policies import get_policy
+from foresight_compile.runtime.report import Stats
+from foresight_compile.runtime.state import BranchState
+
+_INPUT_ROLES = frozenset({"input", "mask", "cache_in"})
+
+
+@dataclasses.dataclass
+class _Banks:
+    """One branch state's two cache banks and the engine bindings that read each of them."""
+
+    tensors: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
+    bound: tuple[Any, Any]  # parity -> engine binding
+    current: int = 0  # the bank holding the caches the next step reads
+
+
+class ExportedEngine(Executor):
+    """Assumes ``manifest`` describes the loaded engine (subclasses check it before calling
+    ``__init__``). Guarantees: one call is one model evaluation with the controller's
+    decisions, the returned tensors are fresh (never overwritten by a later call), and no
+    cache tensor is allocated after a branch's first call."""
+
+    def __init__(self, manifest: Manifest, options, device: torch.device) -> None:
+        self.manifest = manifest
+        self.options = options
+        self.plan = binding_plan(manifest)
+        self.device = device
+        policy = get_policy(options.policy)(options)
+        names = [s.name for s in manifest.inputs]
+        self.controller = ReuseController(len(manifest.blocks), policy,
+                                          names.index(manifest.timestep_input), range(len(names)))
+        self.uses_cache = policy.needs_cache
+        self._inputs = tuple(self._allocate(s) for s in self.plan.inputs)
+        self._mask = self._allocate(self.plan.mask)
+        self._outputs = tuple(self._allocate(s) for s in self.plan.outputs)
+        self._stats = self._allocate(self.plan.stats)
+        # The host writes the mask into a (pinned, on CUDA) host tensor through a numpy
+        # view: a list assignment, no tensor is created per step.
+        self._mask_host = (self._mask if device.type == "cpu" else
+                           torch.zeros_like(self._mask, device="cpu", pin_memory=True))
+        self._mask_np = self._mask_host.numpy()
+        # On CUDA the pinned mask is copied without blocking: the host waits for the previous
+        # copy (long done) before overwriting it.
+        self._mask_copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._expected = {s.name: (i, s.shape, torch_dtype(s.dtype))
+                          for i, s in enumerate(self.plan.inputs)}
+        self._banks: "weakref.WeakKeyDictionary[BranchState, _Banks]" = weakref.WeakKeyDictionary()
+        self.build_seconds = 0.0
+
+    # -- subclass hooks ------------------------------------------------------------------
+    def _bind(self, tensors: Mapping[str, tuple[torch.Tensor, bool]]) -> Any:
+        """Bind engine tensor name -> (buffer, is_input); return what ``_run`` takes."""
+        raise NotImplementedError
+
+    def _run(self, bound: Any) -> None:
+        raise NotImplementedError
+
+    # -- buffers -------------------------------------------------------------------------
+    def _allocate(self, spec) -> torch.Tensor:
+        return torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype), device=self.device)
+
+    def _banks_of(self, state: BranchState) -> _Banks:
+        banks = self._banks.get(state)
+        if banks is None:
+            tensors = tuple(tuple(self._allocate(s) for s in self.plan.caches) for _ in range(2))
+            per_block = []
+            for bank in tensors:
+                groups: list[list[torch.Tensor]] = [[] for _ in self.manifest.blocks]
+                for block, t in zip(self.plan.cache_blocks, bank):
+                    groups[block].append(t)
+                per_block.append([tuple(g) for g in groups])
+            state.buffers.install(per_block)
+            bound = tuple(self._bind(self._resolve(parity, tensors)) for parity in (0, 1))
+            banks = self._banks[state] = _Banks(tensors, bound)
+        return banks
+
+    def _resolve(self, parity: int, banks) -> dict[str, tuple[torch.Tensor, bool]]:
+        static = {"input": self._inputs, "mask": (self._mask,), "output": self._outputs,
+                  "stats": (self._stats,)}
+        return {name: (banks[bank][index] if bank >= 0 else static[role][index],
+                       role in _INPUT_ROLES)
+                for name, role, index, bank in self.plan.bindings(parity)}
+
+    def cache_addresses(self, branch: int = 0) -> tuple[int, ...]:
+        """Addresses of both cache banks of CFG branch ``branch`` of the calling thread's
+        latest request (fixed from its first call on)."""
+        state = next(s for s in reversed(self.controller.live_states()) if s.branch == branch)
+        return tuple(t.data_ptr() for bank in self._banks[state].tensors for t in bank)
+
+    # -- one evaluation --------------------------------------------------------------------
+    def _load(self, kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        seen = 0
+        for name, value in kwargs.items():
+            expected = self._expected.get(name)
+            if expected is None:
+                self._check_other(name, value)
+                continue
+            index, shape, dtype = expected
+            if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
+                got = (f"{value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
+                raise ForesightValueError(
+                    f"input {name!r} is {got}; the engine was exported for "
+                    f"{dtype}{list(shape)} (export again for other shapes)")
+            self._inputs[index].copy_(value)
+            seen += 1
+        if seen != len(self._expected):
+            missing = [n for n in self._expected if n not in kwargs]
+            raise ForesightValueError(f"missing input(s) {missing}; the engine takes "
+                                      f"{list(self._expected)}")
+        return self._inputs
+
+    def _check_other(self, name: str, value: Any) -> None:
+        manifest = self.manifest
+        if name in manifest.constants:
+            if repr(value) != manifest.constants[name]:
+                raise ForesightValueError(
+                    f"argument {name!r}={value!r} differs from the exported value "
+                    f"{manifest.constants[name]}: it is baked into the model; export again")
+        elif name not in manifest.unused_inputs:
+            raise ForesightValueError(
+                f"unknown argument {name!r}; the engine takes {list(self._expected)} "
+                f"(and {sorted(manifest.constants) + list(manifest.unused_inputs)} as exported)")
+
+    def __call__(self, **kwargs) -> tuple[torch.Tensor, ...]:
+        return self.evaluate(self._load(kwargs))
+
+    def run(self, state: BranchState, args) -> tuple:
+        banks = self._banks_of(state)
+        if self._mask_copied is not None:
+            self._mask_copied.synchronize()
+        self._mask_np[:] = state.mask
+        if self._mask_copied is not None:
+            self._mask.copy_(self._mask_host, non_blocking=True)
+            self._mask_copied.record()
+        self._run(banks.bound[banks.current])
+        if self.uses_cache:
+            metrics = state.policy_state.metrics
+            torch.where(self._mask[:, None], metrics, self._stats, out=metrics)
+            banks.current ^= 1
+            state.buffers.flip()
+        return tuple(o.clone() for o in self._outputs)
+
+    # -- reporting -------------------------------------------------------------------------
+    def reset(self, clear_stats: bool = False) -> None:
+        """Start a new generation at the next call of every branch."""
+        self.controller.reset(clear_stats)
+
+    def stats(self) -> Stats:
+        """``Stats`` of this engine (as ``foresight_compile.stats(model)`` for torch)."""
+        return Stats.collect([self.controller], list(self.manifest.blocks), self.build_seconds,
+                             self.options.policy)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.manifest.model_file}, {len(self.manifest.blocks)} "
+                f"blocks, policy={self.options.policy}, cache={self.controller.cache_bytes} bytes)")

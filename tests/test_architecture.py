@@ -1,0 +1,158 @@
+"""The layering of docs/ARCHITECTURE.md, checked on the source: one direction of imports.
+
+Every import statement of the package is read (module level and inside functions), so a
+cycle hidden in a function-level import fails here as surely as one at the top.
+"""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The installed layout (pyproject package-dir): folder -> package name.
+FOLDERS = {"foresight_compile": "foresight_compile", "passes": "foresight_compile.passes",
+           "runtime": "foresight_compile.runtime"}
+# What runtime/ may import from above it: errors and plain data types only.
+RUNTIME_MAY_IMPORT = {"foresight_compile.errors", "foresight_compile.options",
+                      "foresight_compile.version"}
+MAX_LINES = 420
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: pathlib.Path) -> list[tuple[str, list[str], int]]:
+    """(imported module, names taken from it, line) for every import in the file."""
+    is_package = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")
+                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [a.name for a in node.names]
+            # ``from package import module`` imports the module.
+            subs = [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES]
+            out += [(m, [], node.lineno) for m in subs]
+            rest = [n for n in names if f"{base}.{n}" not in MODULES]
+            if rest or not subs:
+                out.append((base, rest, node.lineno))
+    return [(m, names, line) for m, names, line in out if m.split(".")[0] == "foresight_compile"]
+
+
+def _resolve(module: str) -> str:
+    """The deepest known module of a dotted name (``a.b.Name`` -> ``a.b``)."""
+    while module and module not in MODULES:
+        module = module.rpartition(".")[0]
+    return module
+
+
+GRAPH = {name: {_resolve(m) for m, _, _ in _imports(name, path)} - {name}
+         for name, path in MODULES.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _is_package_face(module: str) -> bool:
+    """A package ``__init__`` that only hands names on: importing a submodule runs it, so
+    its edges to its own submodules are not part of the layering."""
+    return MODULES[module].name == "__init__.py"
+
+
+def test_no_import_cycle_at_module_level_or_inside_functions():
+    graph = {m: {d for d in deps if not (_is_package_face(m) and d.startswith(m + "."))}
+             for m, deps in GRAPH.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_runtime_imports_nothing_above_it_but_errors_and_plain_data():
+    bad = []
+    for name, path in MODULES.items():
+        if not name.startswith("foresight_compile.runtime"):
+            continue
+        for module, _, line in _imports(name, path):
+            target = _resolve(module)
+            if not target.startswith("foresight_compile.runtime") and target not in RUNTIME_MAY_IMPORT:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert bad == []
+
+
+def test_passes_import_only_passes_and_errors():
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+           for name, path in MODULES.items() if name.startswith("foresight_compile.passes")
+           for module, _, line in _imports(name, path)
+           if not _resolve(module).startswith("foresight_compile.passes")
+           and _resolve(module) != "foresight_compile.errors"]
+    assert bad == []
+
+
+def test_no_private_name_is_imported_across_modules():
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {n} from {module}"
+           for name, path in MODULES.items() for module, names, line in _imports(name, path)
+           for n in names if n.startswith("_") and not n.startswith("__")]
+    assert bad == []
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_stay_small(name):
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{MODULES[name].relative_to(ROOT)} has {lines} lines"
+
+
+def test_architecture_map_lists_every_module_and_nothing_else():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    listed = {line.split("`")[1] for line in text.splitlines()
+              if line.startswith("| `") and line.count("`") >= 2}
+    files = {str(path.relative_to(ROOT)) for path in MODULES.values()}
+    assert listed == files
