@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="speed and fidelity of methods side by side")
     b.add_argument("--workload", default="wan", help="built-in name or module:factory")
-    b.add_argument("--methods", default="inductor,eager,none,static,foresight,fbc,fbc+compile,pab,"
+    b.add_argument("--methods", default="inductor,eager,none,budget,static,foresight,fbc,pab,"
                    "taylorseer,magcache",
                    help="comma-separated; options as NAME(key=value,...); peers as NAME+compile; "
                    "cache-dit patches diffusers process-wide: run it alone with the baselines")

@@ -16,17 +16,21 @@ DECISIONS = ("per_layer", "prefix")
 LOWERINGS = ("inductor", "eager", "cudagraphs")
 FORMS = ("segments", "graph")
 REUSE = ("output", "residual")
+ORDERS = (0, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    policy: str = "foresight"
-    """Reuse policy: "none" (never reuse), "static" (compute every `recompute_every` steps
-    after warmup), "foresight" (adaptive, arXiv 2506.00329), "profiling" (ProfilingDiT,
-    arXiv 2504.03140: background blocks reuse residuals; needs `profile`)."""
-    warmup: int | float = 8
+    policy: str = "budget"
+    """Reuse policy: "budget" (ours: every block computes or every block is served a
+    forecast, while a measured error budget allows), "none" (never reuse), "static" (compute
+    every `recompute_every` steps after warmup), "foresight" (adaptive, arXiv 2506.00329),
+    "profiling" (ProfilingDiT, arXiv 2504.03140: background blocks reuse residuals; needs
+    `profile`)."""
+    warmup: int | float | None = None
     """Steps at the start of each generation that compute every block. An int counts steps;
-    a float in (0, 1) is a fraction of the generation's step count (see `num_steps`)."""
+    a float in (0, 1) is a fraction of the generation's step count (see `num_steps`). None:
+    the policy's own (8, the Foresight paper's; "budget": `order` + 2)."""
     recompute_every: int = 2
     """After warmup, every block is computed on steps where (step - warmup) % N == 0."""
     threshold: float = 0.5
@@ -44,6 +48,16 @@ class Options:
     reuse: str = "output"
     """What a block's cache holds: "output" (Foresight: serve the cached output) or
     "residual" (cache ``out - in``, serve ``in + residual``; host-branch form only)."""
+    order: int | None = None
+    """Forecast order of a served value: 0 serves the newest cached value (a copy), k >= 1
+    the Taylor extrapolation through the last k + 1 computed values at their real step
+    distances (TaylorSeer, arXiv 2503.06923). None: the policy's own (1 for "budget", 0
+    otherwise: the papers' settings; 0 with form="graph")."""
+    tolerance: float = 0.4
+    """Policy "budget": the accumulated estimated relative error a run of served steps may
+    reach; the one quality knob (larger: more reuse, lower fidelity, monotonically)."""
+    max_run: int = 8
+    """Policy "budget": at most this many steps in a row are served."""
     num_steps: int | None = None
     """Steps per generation, needed only to resolve a fractional `warmup`; when unset, the
     previous generation's length is used."""
@@ -70,7 +84,15 @@ class Options:
         _choice("reuse", self.reuse, REUSE)
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("form", self.form, FORMS)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)):
+        if self.order is not None:
+            _choice("order", self.order, ORDERS)
+        if (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
+                or not math.isfinite(self.tolerance) or self.tolerance <= 0):
+            raise ForesightValueError(
+                f"option 'tolerance' must be a finite number > 0, got {self.tolerance!r}")
+        _positive_int("max_run", self.max_run)
+        if self.warmup is not None and (
+                isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float))):
             raise ForesightValueError(
                 f"option 'warmup' must be an int >= 0 (steps) or a float in (0, 1) (a fraction "
                 f"of the steps), got {self.warmup!r}")
@@ -104,10 +126,13 @@ class Options:
                                       "form='graph'")
         if not isinstance(self.strict, bool):
             raise ForesightValueError(f"option 'strict' must be True or False, got {self.strict!r}")
-        if self.reuse == "residual" and (self.form == "graph" or self.lowering == "cudagraphs"):
+        if self.reuse == "residual" and self.form == "graph":
             raise ForesightValueError(
-                "option 'reuse'='residual' works with form='segments' and lowering 'inductor' or "
-                f"'eager'; got form={self.form!r}, lowering={self.lowering!r}")
+                "option 'reuse'='residual' works with form='segments'; got form='graph'")
+        if self.order and self.form == "graph":
+            raise ForesightValueError(
+                f"option 'order'={self.order} (forecast reuse) works with form='segments'; "
+                "got form='graph' (use order=0)")
         if self.policy == "foresight" and isinstance(self.warmup, int) and self.warmup < 2:
             raise ForesightValueError(
                 f"option 'warmup' must be >= 2 for policy 'foresight' (its thresholds come from "
@@ -126,9 +151,19 @@ class Options:
                     f"unknown option {key!r}; accepted options: {', '.join(valid)}")
         return cls(**options)
 
-    def warmup_steps(self, total_steps: int | None) -> int | None:
+    @property
+    def forecast_order(self) -> int:
+        """The order in effect: the option, or the policy's default (the graph form serves
+        copies)."""
+        if self.order is not None:
+            return self.order
+        return 1 if self.policy == "budget" and self.form == "segments" else 0
+
+    def warmup_steps(self, total_steps: int | None, default: int = 8) -> int | None:
         """Warmup in steps for a generation of ``total_steps`` steps (None: unknown, and
-        then a fractional warmup cannot be resolved: None)."""
+        then a fractional warmup cannot be resolved: None); ``default`` when unset."""
+        if self.warmup is None:
+            return default
         if isinstance(self.warmup, int):
             return self.warmup
         if total_steps is None:

@@ -20,7 +20,7 @@ from foresight_compile.lowering.plan import build_plan
 from foresight_compile.lowering.segments import SegmentCompiler
 from foresight_compile.options import Options
 from foresight_compile.passes.blocks import BlockStack, find_blocks
-from foresight_compile.passes.inputs import find_input, find_timestep_input
+from foresight_compile.passes.inputs import find_input, find_latent_input, find_timestep_input
 from foresight_compile.passes.partition import Segmented, partition_blocks
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.executor import Executor, SegmentExecutor
@@ -55,7 +55,9 @@ class ForesightProgram:
             profile.check([b.path for b in self.stack.blocks],
                           tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None)
         self.controller = ReuseController(len(self.stack), policy, timestep_index,
-                                          signature_indices, lookahead=options.lookahead)
+                                          signature_indices, lookahead=options.lookahead,
+                                          order=options.forecast_order)
+        self._latent_index = find_latent_input(gm, example_inputs)
         self.compiler = SegmentCompiler(
             "inductor" if options.lowering == "cudagraphs" else options.lowering)
         segmented = partition_blocks(gm, self.stack)
@@ -75,7 +77,8 @@ class ForesightProgram:
             return GraphFormExecutor(fn, controller, specs)
         policy = controller.policy
         plan = build_plan(segmented, self.compiler, policy.needs_cache, policy.caches_residual,
-                          keep_finite=options.lookahead == 2)
+                          keep_finite=options.lookahead == 2, order=options.forecast_order,
+                          probe_input=self._latent_index if policy.needs_latent_change else None)
         if options.lowering != "cudagraphs":
             return SegmentExecutor(plan, controller)
         from foresight_compile.runtime.cudagraphs import (CudaCapture, CudaGraphExecutor,

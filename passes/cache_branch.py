@@ -32,8 +32,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from foresight_compile.passes.cache_update import with_cache_update
-from foresight_compile.passes.change_metric import with_change_metric
+from foresight_compile.passes.cache_update import forecast, with_cache_update
+from foresight_compile.passes.change_metric import STATS_COLUMNS, change_stats, with_change_metric
 from foresight_compile.passes.partition import Segmented
 
 
@@ -63,13 +63,44 @@ def _branch(n_outputs: int, n_inputs: int, tracked: fx.GraphModule | None) -> fx
     inputs = [graph.placeholder(f"arg{i}") for i in range(n_inputs)]
     if tracked is None:
         outs = [graph.call_method("clone", (c,)) for c in caches]
-        stats = graph.call_method("new_zeros", (caches[0], (2,)), {"dtype": torch.float32})
+        stats = graph.call_method("new_zeros", (caches[0], (STATS_COLUMNS,)), {"dtype": torch.float32})
         graph.output((*outs, stats))
     else:
         root.tracked = tracked
         result = graph.call_module("tracked", (*inputs, *caches))
         graph.output(tuple(graph.call_function(operator.getitem, (result, k))
                            for k in range(n_outputs + 1)))
+    return fx.GraphModule(root, graph)
+
+
+def _forecast_branch(n_outputs: int, n_inputs: int, slots: int,
+                     block: fx.GraphModule | None) -> fx.GraphModule:
+    """Functional compute (``block`` given) or reuse branch of a forecast history, over
+    operands ``(*history, weights, *inputs)`` (history slot-major, newest first). Both return
+    ``(*outputs, stats, *new_history)``: compute shifts its new outputs in, reuse serves the
+    forecast and keeps the history (copies: a branch may not return an operand)."""
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    history = [[graph.placeholder(f"h{j}_{k}") for k in range(n_outputs)] for j in range(slots)]
+    weights = graph.placeholder("weights")
+    inputs = [graph.placeholder(f"arg{i}") for i in range(n_inputs)]
+    forecasts = [graph.call_function(forecast, (tuple(h[k] for h in history), weights))
+                 for k in range(n_outputs)]
+
+    def copies(values):
+        return [graph.call_method("clone", (v,)) for v in values]
+
+    if block is None:
+        stats = graph.call_method("new_zeros", (history[0][0], (STATS_COLUMNS,)),
+                                  {"dtype": torch.float32})
+        graph.output((*forecasts, stats, *[c for h in history for c in copies(h)]))
+    else:
+        root.block = block
+        result = graph.call_module("block", tuple(inputs))
+        outs = [graph.call_function(operator.getitem, (result, k)) for k in range(n_outputs)]
+        stats = graph.call_function(change_stats, (tuple(outs), tuple(history[0]), tuple(forecasts)))
+        shifted = copies(outs) + [c for h in history[:-1] for c in copies(h)]
+        graph.output((*outs, stats, *shifted))
     return fx.GraphModule(root, graph)
 
 
@@ -98,7 +129,8 @@ def _aliased_segment_outputs(src: fx.GraphModule, block_names: set[str]) -> set[
     return aliased
 
 
-def insert_cache_branches(segmented: Segmented, in_place: bool = False) -> fx.GraphModule:
+def insert_cache_branches(segmented: Segmented, in_place: bool = False,
+                          slots: int = 1) -> fx.GraphModule:
     src = segmented.gm
     blocks = {name: l for l, name in enumerate(segmented.block_submods)}
     root = torch.nn.Module()
@@ -109,12 +141,13 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False) -> fx.Gr
         env[p] = graph.placeholder(p.name)
         env[p].meta = dict(p.meta)
     mask = graph.placeholder("reuse_mask")
+    forecast_weights = graph.placeholder("forecast_weights") if slots > 1 else None
     n_outputs = {}
     for node in src.graph.find_nodes(op="call_module"):
         if node.target in blocks:
             sub = src.get_submodule(node.target)
             n_outputs[node.target] = len(next(iter(sub.graph.find_nodes(op="output"))).args[0])
-    caches = {name: [graph.placeholder(f"cache_{blocks[name]}_{k}") for k in range(n)]
+    caches = {name: [graph.placeholder(f"cache_{blocks[name]}_{k}") for k in range(n * slots)]
               for name, n in sorted(n_outputs.items(), key=lambda kv: blocks[kv[0]])}
     rows = [graph.placeholder(f"row_{l}") for l in range(len(blocks))] if in_place else []
     stats: list[fx.Node] = [None] * len(blocks)  # type: ignore[list-item]
@@ -135,20 +168,30 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False) -> fx.Gr
                 setattr(root, f"compute_{l}", _in_place_branch(n, len(node.args),
                                                                with_cache_update(sub, n)))
                 setattr(root, f"reuse_{l}", _in_place_branch(n, len(node.args), None))
+            elif slots > 1:
+                setattr(root, f"compute_{l}", _forecast_branch(n, len(node.args), slots, sub))
+                setattr(root, f"reuse_{l}", _forecast_branch(n, len(node.args), slots, None))
             else:
                 setattr(root, f"compute_{l}", _branch(n, len(node.args), with_change_metric(sub, n)))
                 setattr(root, f"reuse_{l}", _branch(n, len(node.args), None))
             compute = graph.get_attr(f"compute_{l}")
             reuse = graph.get_attr(f"reuse_{l}")
             pred = graph.call_function(operator.getitem, (mask, l))
-            state = (*caches[node.target], rows[l]) if in_place else tuple(caches[node.target])
+            if in_place:
+                state = (*caches[node.target], rows[l])
+            elif slots > 1:
+                weights = graph.call_function(operator.getitem, (forecast_weights, l))
+                state = (*caches[node.target], weights)
+            else:
+                state = tuple(caches[node.target])
             operands = (*state, *[unaliased.get(a, env[a]) for a in node.args])
             result = graph.call_function(torch.ops.higher_order.cond, (pred, reuse, compute, operands))
             env[node] = result
             if in_place:
                 continue
             stats[l] = graph.call_function(operator.getitem, (result, n))
-            new_caches.extend(graph.call_function(operator.getitem, (result, k)) for k in range(n))
+            state_outputs = range(n + 1, n + 1 + n * slots) if slots > 1 else range(n)
+            new_caches.extend(graph.call_function(operator.getitem, (result, k)) for k in state_outputs)
             continue
         if node.op == "call_module":
             setattr(root, node.target, src.get_submodule(node.target))

@@ -1,20 +1,30 @@
 """Cache update and serve graphs: the two sides of a block's conditional cache branch in
 the host-branch form, as graphs that the lowering compiles like any segment.
 
-``with_cache_update(block, n)`` returns a graph ``(*block_args, *caches, row) -> outputs``
-that computes the block, measures how far its outputs (or residuals) moved from the cache
-(``change_stats``: ``[mse, finite]`` in float32), and writes that into ``row`` and the new
-values into ``caches``, all in place. Compiled, the metric and the cache write are fused
-into the block's own kernels: no extra kernel, no allocation, no host work per step.
+A block's cache holds, per block output, ``slots`` values of the cached quantity (the
+output, or the residual ``out - in``), newest first: 1 for a copy, ``k + 1`` for a forecast
+of order ``k`` (see ``runtime/clock.py``).
 
-``serve_graph(...)`` returns a graph ``(*block_args, *caches) -> outputs`` for a reused
-block: ``in + residual`` in residual mode, a copy of the cache where the served value
-escapes or is mutated downstream; None when the cache tensors can be served as they are.
+``with_cache_update(block, n, ...)`` returns a graph ``(*block_args, *history, [weights,]
+row) -> outputs`` that computes the block and, in place: measures the new values against
+the newest cached ones and against the forecast ``sum_j weights[j] * history[j]`` it
+would have served (``change_stats`` into ``row``), then writes the new values over the
+oldest slot, which becomes the newest (the host rotates the slots' order: no value moves).
+Compiled, all of it fuses into the block's own kernels: no extra kernel, no allocation,
+no host work per step. (Shifting the history in the graph, ``h1.copy_(h0); h0.copy_(v)``,
+is miscompiled by Inductor in torch 2.13: ``h1`` receives the new value;
+``tests/test_forecast.py`` reproduces it.)
 
-Assumes ``block`` is a block segment of ``partition_blocks`` (returns a tuple). Guarantees
-that the update's outputs equal the block's, and that with ``keep_finite`` a non-finite
-output leaves the cache as it was (the previous, finite value), which is what lets a
-decision made two steps ahead (``lookahead=2``) never serve a non-finite value.
+``serve_graph(...)`` returns a graph ``(*block_args, *history, [weights]) -> outputs`` for a
+reused block: the forecast (or the newest value), plus the input in residual mode, or a copy
+where the served value escapes or is mutated downstream; None when the newest cached
+tensors can be served as they are.
+
+``history`` is slot-major and in age order, newest first: ``h[0][0..n-1], h[1][0..n-1], ...``. Assumes ``block`` is a block
+segment of ``partition_blocks`` (returns a tuple). Guarantees that the update's outputs
+equal the block's, and that with ``keep_finite`` a non-finite output leaves the history as
+it was, which is what lets a decision made two steps ahead (``lookahead=2``) never serve a
+non-finite value.
 """
 from __future__ import annotations
 
@@ -35,15 +45,29 @@ def _kept_if_finite(value: torch.Tensor, cache: torch.Tensor, finite: torch.Tens
     return torch.where(finite, value, cache)
 
 
+def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[j] * history[j]``, newest first (the newest value's layout)."""
+    out = history[0] * weights[0]
+    for j in range(1, len(history)):
+        out = out + history[j] * weights[j]
+    return out
+
+
+def _history(graph: fx.Graph, n_outputs: int, slots: int) -> list[list[fx.Node]]:
+    """Placeholders ``[slot][output]``."""
+    return [_placeholders(graph, f"h{j}_", n_outputs) for j in range(slots)]
+
+
 def with_cache_update(block: fx.GraphModule, n_outputs: int,
                       residual_inputs: tuple[int, ...] | None = None,
-                      keep_finite: bool = False) -> fx.GraphModule:
+                      keep_finite: bool = False, slots: int = 1) -> fx.GraphModule:
     """See the module docstring. With ``residual_inputs`` (per output, the argument it is a
     residual of) the cache holds residuals ``out - in`` and the metric compares those."""
     n_inputs = len(block.graph.find_nodes(op="placeholder"))
     graph = fx.Graph()
     inputs = _placeholders(graph, "arg", n_inputs)
-    caches = _placeholders(graph, "cache", n_outputs)
+    history = _history(graph, n_outputs, slots)
+    weights = graph.placeholder("weights") if slots > 1 else None
     row = graph.placeholder("row")
     root = torch.nn.Module()
     root.block = block
@@ -51,33 +75,46 @@ def with_cache_update(block: fx.GraphModule, n_outputs: int,
     outputs = [graph.call_function(operator.getitem, (result, i)) for i in range(n_outputs)]
     values = outputs if residual_inputs is None else [
         graph.call_function(operator.sub, (o, inputs[i])) for o, i in zip(outputs, residual_inputs)]
-    stats = graph.call_function(change_stats, (tuple(values), tuple(caches)))
+    newest = history[0]
+    forecasts = newest if weights is None else [
+        graph.call_function(forecast, (tuple(h[k] for h in history), weights))
+        for k in range(n_outputs)]
+    stats = graph.call_function(change_stats, (tuple(values), tuple(newest), tuple(forecasts)))
+    oldest = history[-1]
     if keep_finite:
-        finite = graph.call_function(operator.getitem, (stats, 1))
-        ok = graph.call_function(operator.gt, (finite, 0.5))
-        values = [graph.call_function(_kept_if_finite, (v, c, ok)) for v, c in zip(values, caches)]
-    for value, cache in zip(values, caches):
-        graph.call_method("copy_", (cache, value))
+        # Not finite: the newest finite value is written again, so the history holds only
+        # finite values (a forecast then extrapolates flat from it).
+        ok = graph.call_function(operator.lt, (graph.call_function(operator.getitem, (stats, 2)), 0.5))
+        values = [graph.call_function(_kept_if_finite, (v, old, ok)) for v, old in zip(values, newest)]
+    for target, value in zip(oldest, values):
+        graph.call_method("copy_", (target, value))
     graph.call_method("copy_", (row, stats))
     graph.output(tuple(outputs))
     return fx.GraphModule(root, graph)
 
 
 def serve_graph(n_inputs: int, n_outputs: int, residual_inputs: tuple[int, ...] | None,
-                copy: Sequence[bool]) -> fx.GraphModule | None:
+                copy: Sequence[bool], slots: int = 1) -> fx.GraphModule | None:
     """The reuse side (see the module docstring); ``copy[k]``: output k must be a fresh
     tensor (it escapes to the graph output or is mutated in place downstream)."""
-    if residual_inputs is None and not any(copy):
+    if residual_inputs is None and not any(copy) and slots == 1:
         return None
     graph = fx.Graph()
     inputs = _placeholders(graph, "arg", n_inputs)
-    caches = _placeholders(graph, "cache", n_outputs)
-    if residual_inputs is not None:
-        # Cache first: the sum takes the cache's layout, which is the block output's (the
-        # input's may differ: a permuted view), and that is what the next segment expects.
-        served = [graph.call_function(operator.add, (c, inputs[i]))
-                  for i, c in zip(residual_inputs, caches)]
+    history = _history(graph, n_outputs, slots)
+    if slots > 1:
+        weights = graph.placeholder("weights")
+        served = [graph.call_function(forecast, (tuple(h[k] for h in history), weights))
+                  for k in range(n_outputs)]
     else:
-        served = [graph.call_method("clone", (c,)) if fresh else c for c, fresh in zip(caches, copy)]
+        served = list(history[0])
+    if residual_inputs is not None:
+        # The served value first: the sum takes its layout (the block output's, as the
+        # cache buffers have it); the input's may differ (a permuted view), and the next
+        # segment was compiled for the output's.
+        served = [graph.call_function(operator.add, (s, inputs[i]))
+                  for i, s in zip(residual_inputs, served)]
+    elif slots == 1:
+        served = [graph.call_method("clone", (s,)) if fresh else s for s, fresh in zip(served, copy)]
     graph.output(tuple(served))
     return fx.GraphModule(torch.nn.Module(), graph)

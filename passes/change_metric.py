@@ -1,10 +1,17 @@
-"""Change metric: a block wrapper that also returns how far its outputs moved from the cache.
+"""Change metric: how far a block's new values moved from its cache, and from the forecast
+the cache would have served.
 
-``with_change_metric(block_gm, n_outputs)`` returns a module taking ``(*block_args, *caches)``
-and returning ``(*outputs, stats)`` with ``stats = [mse, finite]`` in float32: the mean
-squared difference over all output elements (computed in float32, so fp16 never overflows
-to inf) and 1.0 when every output element is finite. Inductor fuses the reduction with
-the block's last kernels; the cache itself is not written here (the executor copies).
+``change_stats(values, caches, forecasts)`` returns float32 ``[5]`` sums over every element
+of every value (computed in float32, so fp16 never overflows to inf): ``SQ`` (squared change
+against the newest cached value), ``COUNT`` (elements), ``BAD`` (1.0 when an element is not
+finite), ``FSQ`` (squared error of the forecast) and ``NSQ`` (squared norm of the values).
+Sums, not means, so ranks holding shards of one sequence can add theirs up; the controller
+derives the MSE, the finite flag and the relative forecast error from them
+(``runtime/policies/base.py``).
+
+``with_change_metric(block_gm, n_outputs)`` is the functional graph form's compute side: a
+module taking ``(*block_args, *caches)`` and returning ``(*outputs, stats)``; the cache is
+not written here (the graph returns the new values as explicit state).
 """
 from __future__ import annotations
 
@@ -14,11 +21,20 @@ import torch
 import torch.fx as fx
 
 
-def change_stats(outputs: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    squared = torch.stack([(o.float() - c.float()).square().sum() for o, c in zip(outputs, caches)]).sum()
-    count = sum(o.numel() for o in outputs)
-    finite = torch.stack([torch.isfinite(o).all() for o in outputs]).all()
-    return torch.stack([squared / count, finite.to(torch.float32)])
+STATS_COLUMNS = 5  # SQ, COUNT, BAD, FSQ, NSQ (runtime/policies/base.py: RAW)
+
+
+def change_stats(values: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...],
+                 forecasts: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    forecasts = caches if forecasts is None else forecasts
+    sq = torch.stack([(v.float() - c.float()).square().sum() for v, c in zip(values, caches)]).sum()
+    fsq = torch.stack([(v.float() - f.float()).square().sum()
+                       for v, f in zip(values, forecasts)]).sum()
+    nsq = torch.stack([v.float().square().sum() for v in values]).sum()
+    # A tensor plus the element count: stays symbolic under dynamic shapes.
+    count = sq.new_zeros(()) + sum(v.numel() for v in values)
+    bad = torch.stack([~torch.isfinite(v).all() for v in values]).any().to(torch.float32)
+    return torch.stack([sq, count, bad, fsq, nsq])
 
 
 def with_change_metric(block: fx.GraphModule, n_outputs: int,
@@ -43,3 +59,23 @@ def with_change_metric(block: fx.GraphModule, n_outputs: int,
         stats = graph.call_function(change_stats, (tuple(residuals), tuple(caches)))
         graph.output((*outputs, *residuals, stats))
     return fx.GraphModule(root, graph)
+
+
+def _latent_change(latent: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    x, p = latent.float(), previous.float()
+    return torch.stack([(x - p).square().sum(), p.square().sum()])
+
+
+def latent_change_graph() -> fx.GraphModule:
+    """``(latent, previous, aux) -> ()``: writes ``[sum (latent - previous)^2, sum
+    previous^2]`` into ``aux[:2]`` and copies ``latent`` into ``previous``, in place (one
+    fused kernel once compiled). The relative change of the model's input between two
+    steps is a signal of how fast the sample still moves."""
+    graph = fx.Graph()
+    latent, previous, aux = (graph.placeholder(n) for n in ("latent", "previous", "aux"))
+    change = graph.call_function(_latent_change, (latent, previous))
+    target = graph.call_function(operator.getitem, (aux, slice(0, 2)))
+    graph.call_method("copy_", (target, change))
+    graph.call_method("copy_", (previous, latent))
+    graph.output(())
+    return fx.GraphModule(torch.nn.Module(), graph)

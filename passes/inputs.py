@@ -57,3 +57,18 @@ def find_timestep_input(gm: fx.GraphModule, example_inputs: Sequence) -> int:
     raise BlockDiscoveryError(
         "no timestep input found (an input named 'timestep', or a tensor of at most one "
         "dimension): without it denoising steps and generations cannot be told apart")
+
+
+def find_latent_input(gm: fx.GraphModule, example_inputs: Sequence) -> int:
+    """Index of the graph input that carries the noisy latent: the input named
+    ``hidden_states`` (diffusers' name in every DiT), else the largest user tensor input."""
+    stems = input_stems(gm)
+    candidates = [(i, v) for i, (stem, v) in enumerate(zip(stems, example_inputs))
+                  if stem is not None and isinstance(v, torch.Tensor)
+                  and not isinstance(v, torch.nn.Parameter)]
+    for i, _ in candidates:
+        if stems[i] == "hidden_states":
+            return i
+    if not candidates:
+        raise BlockDiscoveryError("no tensor input found to read the latent from")
+    return max(candidates, key=lambda iv: iv[1].numel())[0]

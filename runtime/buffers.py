@@ -29,6 +29,8 @@ class CacheBuffers:
         self.num_blocks = num_blocks
         self._banks: list[list[tuple[torch.Tensor, ...] | None]] = [[None] * num_blocks]
         self._current = 0
+        self.probe: torch.Tensor | None = None  # the previous step's latent (latent change)
+        self._aged: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
     def held(self, block: int) -> tuple[torch.Tensor, ...] | None:
         """The tensors block ``block``'s next step reads (None: nothing cached)."""
@@ -38,6 +40,19 @@ class CacheBuffers:
     def tensors(self) -> tuple[tuple[torch.Tensor, ...] | None, ...]:
         """Per block, the tensors the next step reads (read-only view)."""
         return tuple(self._banks[self._current])
+
+    def aged(self, block: int, newest: int, slots: int) -> tuple[torch.Tensor, ...]:
+        """A forecast history (``slots`` values per output, slot-major) in age order, newest
+        first, when physical slot ``newest`` holds the newest value: slots rotate, values
+        never move."""
+        key = (block, newest)
+        found = self._aged.get(key)
+        if found is None:
+            held = self._banks[self._current][block]
+            n = len(held) // slots
+            found = self._aged[key] = tuple(held[((newest - i) % slots) * n + k]
+                                            for i in range(slots) for k in range(n))
+        return found
 
     def has(self, block: int) -> bool:
         return self._banks[self._current][block] is not None
@@ -58,6 +73,7 @@ class CacheBuffers:
                          block, [tuple(o.shape) for o in like])
             current = tuple(torch.empty_like(o) for o in like)  # preserve_format: same strides
             self._banks[self._current][block] = current
+            self._aged.clear()
         return current
 
     def allocate_empty(self, block: int, specs: Sequence[tuple[tuple[int, ...], torch.dtype]],
@@ -66,6 +82,7 @@ class CacheBuffers:
         are the traced ones)."""
         current = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in specs)
         self._banks[self._current][block] = current
+        self._aged.clear()
         return current
 
     def store(self, block: int, values: Sequence[torch.Tensor],
@@ -82,19 +99,33 @@ class CacheBuffers:
             raise ValueError(f"install() takes 1 or 2 banks of {self.num_blocks} blocks")
         self._banks = [list(b) for b in banks]
         self._current = 0
+        self._aged.clear()
 
     def flip(self) -> None:
         """Two banks: the bank just written becomes the one the next step reads."""
         self._current ^= len(self._banks) - 1
+        self._aged.clear()
+
+    def probe_like(self, latent: torch.Tensor) -> torch.Tensor:
+        """The buffer holding the previous step's latent (allocated like ``latent``)."""
+        probe = self.probe
+        if probe is None or probe.shape != latent.shape or probe.dtype != latent.dtype \
+                or probe.device != latent.device:
+            probe = self.probe = torch.zeros_like(latent, memory_format=torch.contiguous_format)
+        return probe
 
     def invalidate(self) -> None:
         """Forget every cached value (the memory is released)."""
         self._banks = [[None] * self.num_blocks]
         self._current = 0
+        self.probe = None
+        self._aged.clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for bank in self._banks for ts in bank if ts is not None for t in ts)
+        probe = 0 if self.probe is None else self.probe.nbytes
+        return probe + sum(t.nbytes for bank in self._banks for ts in bank if ts is not None
+                           for t in ts)
 
     def __repr__(self) -> str:
         held = sum(ts is not None for ts in self._banks[self._current])

@@ -70,12 +70,13 @@ class RequestState:
 class ReuseController:
     def __init__(self, num_blocks: int, policy: ReusePolicy, timestep_index: int,
                  signature_indices: Sequence[int], lookahead: int = 1,
-                 history_rows: int = HISTORY_ROWS) -> None:
+                 history_rows: int = HISTORY_ROWS, order: int = 0) -> None:
         self.num_blocks = num_blocks
         self.policy = policy
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
         self.lookahead = lookahead
+        self.order = order
         self.history = StepHistory(num_blocks, history_rows)
         self.generations = 0  # generations started, over every request and branch
         self._computes = np.zeros(num_blocks, dtype=np.int64)
@@ -151,7 +152,7 @@ class ReuseController:
                     state.branch = index
                     state.epoch = -1  # forces a new generation at its first call
                     return state
-        return BranchState(index, self.num_blocks, device, self.lookahead)
+        return BranchState(index, self.num_blocks, device, self.lookahead, self.order)
 
     # -- one evaluation -------------------------------------------------------------------
     def begin(self, args: Sequence) -> BranchState:
@@ -192,13 +193,16 @@ class ReuseController:
             self._start_generation(req, state, signature, context)
         if timestep is not None:
             state.last_timestep = timestep
-        if self.policy.computes_all(state.step, state.warmup, state.total_steps):
+        clock = state.clock
+        if self.policy.computes_all(state.step, state.warmup, state.total_steps, clock.run):
             state.mask = self._all_computed
         elif state.next_mask.ready:
-            buffers = state.buffers
-            state.mask = [m and buffers.has(l) for l, m in enumerate(state.next_mask.read())]
+            # Served only with a value of this generation in the cache.
+            held = (clock.valid > 0).tolist()
+            state.mask = [m and h for m, h in zip(state.next_mask.read(), held)]
         else:
             state.mask = self._all_computed
+        clock.prepare(state.step)
         state.timestep_record = ts if timestep is None else timestep
         return state
 
@@ -219,7 +223,7 @@ class ReuseController:
         options = self.policy.options
         total = (context.num_steps if context is not None else None) or options.num_steps \
             or state.previous_length
-        state.warmup = options.warmup_steps(total)
+        state.warmup = options.warmup_steps(total, self.policy.default_warmup)
         state.total_steps = total
         if state.warmup is None and self.policy.needs_cache and not self._warned_warmup:
             self._warned_warmup = True
@@ -235,12 +239,14 @@ class ReuseController:
         """Called after a model evaluation whose computed blocks wrote their metrics."""
         policy = self.policy
         ps = state.policy_state
+        ps.derive()
         if state.step == 0:
             # A block's first compute of a generation measured against a cache of no use
             # to it: only finiteness counts (every block computes at step 0).
             ps.mse.zero_()
-        policy.observe(state.step, state.warmup, ps)
         mask = state.mask
+        state.clock.record(state.step, mask)
+        policy.observe(state.step, state.warmup, ps, state.clock)
         self._computes += np.logical_not(mask)
         metric = policy.needs_metric
         self.history.record(state.request, state.generation, state.branch, state.step, mask,

@@ -10,7 +10,11 @@ the branch's ``CacheBuffers``) and, where serving needs work, its serve graph.
 * a block's static outputs are what downstream segments read. In output mode with nothing
   to copy they are the cache buffers themselves: serving a block replays nothing. Otherwise
   (residual mode, or an output that escapes or is mutated downstream) the serve graph
-  writes the served values into the compute graph's static outputs.
+  writes the served values into the compute graph's static outputs;
+* with forecasts (order k), the history slots rotate (``clock.py``): each block has one
+  compute and one serve graph per rotation (k + 1 of each), all writing the block's outputs
+  into one static buffer, and the forecast weights are read from the branch's clock table;
+* a policy reading the latent's change has one more graph, replayed first.
 
 Per call: ``controller.begin`` reads the host mask (copied from the device at the end of an
 earlier step), the executor replays what ``step_schedule`` lists, and ``controller.end``
@@ -117,8 +121,9 @@ class BranchGraphs:
     static_inputs: list  # per graph input: the static buffer (or the parameter itself)
     copied: tuple[int, ...]  # graph inputs copied into their static buffer each call
     param_ptrs: tuple[int, ...]  # storage addresses of the parameters at capture
-    computes: tuple[Callable[[], None], ...]  # per plan step
-    serves: tuple[Callable[[], None] | None, ...]  # per plan step: None when nothing runs
+    computes: tuple  # per plan step: a replay, or per rotation a tuple of replays
+    serves: tuple  # per plan step: None (nothing runs), a replay, or per rotation a tuple
+    probe: Callable[[], None] | None  # the latent-change graph
     env: list  # slot -> static tensor
     replayed: int = 0  # graph replays so far (for stats and tests)
 
@@ -143,6 +148,7 @@ class CudaGraphExecutor(Executor):
                                  if isinstance(v, torch.nn.Parameter))
         self._params = operator.itemgetter(*self.param_slots) if len(self.param_slots) > 1 else (
             (lambda args: (args[self.param_slots[0]],)) if self.param_slots else (lambda args: ()))
+        self.plan = plan
         self.steps = plan.steps
         self.step_blocks = tuple(s.block for s in plan.steps)
         self.output_spec = plan.output_spec
@@ -172,16 +178,23 @@ class CudaGraphExecutor(Executor):
                 if self.uses_cache and step.update is not None:
                     values = outs if step.residual is None else tuple(
                         o - ins[p] for o, p in zip(outs, step.residual))
-                    held = buffers.allocate(step.block, outs)
-                    torch._foreach_copy_(list(held), list(values))
-                    step.update(*ins, *held, state.policy_state.rows[step.block])
+                    buffers.store(step.block, values * step.slots, like=outs * step.slots)
+                    extra = (state.clock.weights[step.block],) if step.slots > 1 else ()
+                    held = buffers.aged(step.block, 0, step.slots)
+                    step.update(*ins, *held, *extra, state.policy_state.rows[step.block])
                     if step.serve is not None:
-                        step.serve(*ins, *held)
+                        step.serve(*ins, *held, *extra)
                 for slot, value in zip(step.outputs, outs):
                     if slot >= 0:
                         env[slot] = value
         # 2. Capture in plan order; each step reads the static outputs captured before it.
         computes, serves = [], []
+        probe = None
+        if self.plan.probe is not None:
+            latent = static[self.plan.probe_slot]
+            previous = buffers.probe_like(latent)
+            aux = state.policy_state.aux
+            probe, _ = capture.capture(lambda: (self.plan.probe(latent, previous, aux), ())[1])
         env[self.num_args:] = [None] * (self.num_slots - self.num_args)
         for step in self.steps:
             ins = tuple(env[i] for i in step.inputs)
@@ -195,7 +208,7 @@ class CudaGraphExecutor(Executor):
             s is not None for s in serves), state.branch)
         ptrs = tuple(p.data_ptr() for p in self._params(args))
         return BranchGraphs(state.signature, static, copied, ptrs, tuple(computes),
-                            tuple(serves), env)
+                            tuple(serves), probe, env)
 
     def _capture_step(self, capture, step: PlanStep, ins: tuple, state: BranchState):
         if not self.uses_cache or step.update is None:
@@ -203,6 +216,8 @@ class CudaGraphExecutor(Executor):
             return replay, None, outs
         held = state.buffers.held(step.block)
         row = state.policy_state.rows[step.block]
+        if step.slots > 1:
+            return self._capture_rotations(capture, step, ins, state, row)
         if step.serve is None:
             # Output mode, nothing to copy: the cache buffers are the block's outputs.
             def compute():
@@ -217,6 +232,27 @@ class CudaGraphExecutor(Executor):
             return ()
         serve_replay, _ = capture.capture(serve)
         return replay, serve_replay, outs
+
+    def _capture_rotations(self, capture, step: PlanStep, ins: tuple, state: BranchState, row):
+        """Forecast history: per rotation of the slots, a compute and a serve graph, all
+        writing the block's outputs into one static buffer."""
+        buffers, weights = state.buffers, state.clock.weights[step.block]
+        first = step.segment(*ins)
+        outs = tuple(torch.empty_like(o) for o in first)
+        computes, serves = [], []
+        for rotation in range(step.slots):
+            held = buffers.aged(step.block, rotation, step.slots)
+
+            def compute(held=held):
+                torch._foreach_copy_(list(outs), list(step.update(*ins, *held, weights, row)))
+                return ()
+
+            def serve(held=held):
+                torch._foreach_copy_(list(outs), list(step.serve(*ins, *held, weights)))
+                return ()
+            computes.append(capture.capture(compute)[0])
+            serves.append(capture.capture(serve)[0])
+        return tuple(computes), tuple(serves), outs
 
     def _graphs(self, state: BranchState, args: Sequence[Any]) -> BranchGraphs:
         graphs = self.graphs.get(state)
@@ -243,14 +279,18 @@ class CudaGraphExecutor(Executor):
         static = graphs.static_inputs
         for i in graphs.copied:
             static[i].copy_(args[i])
-        serves = graphs.serves
-        for k, compute in step_schedule(self.step_blocks, state.mask):
-            if compute:
-                graphs.computes[k]()
-                graphs.replayed += 1
-            elif serves[k] is not None:
-                serves[k]()
-                graphs.replayed += 1
+        if graphs.probe is not None:
+            graphs.probe()
+        serves, computes, newest = graphs.serves, graphs.computes, state.clock.newest
+        blocks = self.step_blocks
+        for k, compute in step_schedule(blocks, state.mask):
+            replay = computes[k] if compute else serves[k]
+            if replay is None:
+                continue
+            if isinstance(replay, tuple):  # one graph per rotation of the history slots
+                replay = replay[newest[blocks[k]]]
+            replay()
+            graphs.replayed += 1
         env = graphs.env
         return tuple(env[v].clone() if kind == "slot" and isinstance(env[v], torch.Tensor)
                      else env[v] if kind == "slot" else v for kind, v in self.output_spec)

@@ -10,9 +10,15 @@ built the same way for every executor.
 and epilogue are separately lowered segments, and a precomputed plan calls them in order.
 For block ``l`` the host mask decides:
 
-* reuse: ``serve`` (residual add or a copy, compiled) or the cache tensors as they are;
+* reuse: ``serve`` (the forecast, a residual add, or a copy, compiled) or the newest cached
+  tensors as they are;
 * compute: the compiled ``update``, which computes the block and writes its change metric
-  and its new cache in place, fused into the block's kernels.
+  and its new history in place, fused into the block's kernels.
+
+Only what the step needs runs: a served block (other than in residual mode) reads none of
+its inputs, so a segment whose outputs only served blocks would read is skipped (when every
+block is served, the blocks and the glue between them do not run at all; the last block's
+forecast feeds the epilogue). The schedule of each distinct mask is worked out once.
 
 Per step in steady state (a branch's buffers exist), the executor's own Python code issues
 no tensor allocation (the tensors it returns come out of compiled segments) and no read of
@@ -28,8 +34,10 @@ import torch
 
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.plan import SegmentPlan
-from foresight_compile.runtime.policies.base import FINITE
+from foresight_compile.runtime.policies.base import BAD
 from foresight_compile.runtime.state import BranchState
+
+MAX_SCHEDULES = 256  # distinct masks whose schedule is kept
 
 
 class Executor:
@@ -63,9 +71,31 @@ def all_finite(outputs) -> torch.Tensor:
     return torch.stack([torch.isfinite(o).all() for o in outputs]).all().to(torch.float32)
 
 
+def live_steps(plan: SegmentPlan, mask) -> tuple[int, ...]:
+    """The plan steps one evaluation under ``mask`` must run, in order.
+
+    Backwards from the graph outputs: a step runs when a running step (or the output) reads
+    one of its outputs; a computed block always runs (it updates its history); a served
+    block reads its inputs only in residual mode."""
+    needed = {v for kind, v in plan.output_spec if kind == "slot"}
+    live = []
+    for k in range(len(plan.steps) - 1, -1, -1):
+        step = plan.steps[k]
+        served = step.block >= 0 and mask[step.block]
+        computed = step.block >= 0 and not served
+        if not (computed or any(s in needed for s in step.outputs if s >= 0)):
+            continue
+        live.append(k)
+        if served and step.residual is None:
+            continue
+        needed.update(step.inputs)
+    return tuple(reversed(live))
+
+
 class SegmentExecutor(Executor):
     def __init__(self, plan: SegmentPlan, controller: ReuseController) -> None:
         self.controller = controller
+        self.plan = plan
         self.uses_cache = controller.policy.needs_cache
         self.steps = plan.steps
         # Per step, a C-level gather of its argument slots (hot path).
@@ -73,13 +103,25 @@ class SegmentExecutor(Executor):
         self.output_spec = plan.output_spec
         self.num_args = plan.num_args
         self.num_slots = plan.num_slots
+        self._schedules: dict[tuple, tuple[int, ...]] = {}
         self._signature: tuple | None = None
 
     def _rebind(self, signature: tuple) -> None:
         for step in self.steps:
             for segment in step.callables():
                 segment.unbind()
+        if self.plan.probe is not None:
+            self.plan.probe.unbind()
         self._signature = signature
+
+    def _schedule(self, mask) -> tuple[int, ...]:
+        key = tuple(mask)
+        found = self._schedules.get(key)
+        if found is None:
+            if len(self._schedules) >= MAX_SCHEDULES:
+                self._schedules.clear()
+            found = self._schedules[key] = live_steps(self.plan, key)
+        return found
 
     def run(self, state: BranchState, args) -> tuple:
         if state.signature != self._signature:
@@ -89,26 +131,41 @@ class SegmentExecutor(Executor):
         mask = state.mask
         buffers = state.buffers
         rows = state.policy_state.rows
-        for step, gather in zip(self.steps, self.gathers):
-            ins = gather(env)
+        clock = state.clock
+        weights, newest = clock.weights, clock.newest
+        probe = self.plan.probe
+        if probe is not None:
+            latent = args[self.plan.probe_slot]
+            probe(latent, buffers.probe_like(latent), state.policy_state.aux)
+        steps, gathers = self.steps, self.gathers
+        for k in self._schedule(mask):
+            step = steps[k]
+            ins = gathers[k](env)
             l = step.block
             if l < 0 or not self.uses_cache:
                 outs = step.segment(*ins)
             elif mask[l]:
-                held = buffers.held(l)
-                outs = held if step.serve is None else step.serve(*ins, *held)
+                if step.serve is None:
+                    outs = buffers.held(l)
+                elif step.slots > 1:
+                    outs = step.serve(*ins, *buffers.aged(l, newest[l], step.slots), weights[l])
+                else:
+                    outs = step.serve(*ins, *buffers.held(l))
             else:
                 held = buffers.held(l)
-                if held is not None:
-                    outs = step.update(*ins, *held, rows[l])
-                else:
+                if held is None:
                     # The branch's first compute of this block for these input shapes (a
                     # generation's step 0): allocate its buffers from the outputs.
                     outs = step.segment(*ins)
                     values = outs if step.residual is None else tuple(
                         o - ins[p] for o, p in zip(outs, step.residual))
-                    buffers.store(l, values, like=outs)
-                    rows[l][FINITE].copy_(all_finite(values))
+                    buffers.store(l, values * step.slots, like=outs * step.slots)
+                    rows[l][BAD].copy_(1.0 - all_finite(values))
+                elif step.slots > 1:
+                    outs = step.update(*ins, *buffers.aged(l, newest[l], step.slots), weights[l],
+                                       rows[l])
+                else:
+                    outs = step.update(*ins, *held, rows[l])
             for slot, value in zip(step.outputs, outs):
                 if slot >= 0:
                     env[slot] = value

@@ -17,10 +17,10 @@ from typing import Any, Callable
 class PlanStep:
     block: int  # -1: not a block
     segment: Callable  # computes the step's outputs
-    # Block steps of a caching policy: ``update(*ins, *cache, row)`` computes the block,
-    # writes ``[mse, finite]`` into ``row`` and the new cache into ``cache``, in place, and
-    # returns the outputs; ``serve(*ins, *cache)`` returns the served outputs (None: the
-    # cache tensors themselves are served, nothing runs).
+    # Block steps of a caching policy: ``update(*ins, *history, [weights,] row)`` computes
+    # the block, writes its change metric into ``row`` and shifts the new values into the
+    # history, in place, and returns the outputs; ``serve(*ins, *history, [weights])``
+    # returns the served outputs (None: the newest cached tensors are served, nothing runs).
     update: Callable | None
     serve: Callable | None
     inputs: tuple[int, ...]  # argument slots
@@ -28,6 +28,9 @@ class PlanStep:
     # Residual mode: per output, the argument position it is a residual of (the cache
     # holds ``out - in``); None: the cache holds outputs.
     residual: tuple[int, ...] | None = None
+    # Values of the cached quantity kept per output: 1 (a copy), k + 1 (forecast order k);
+    # update and serve then also take the block's forecast weights.
+    slots: int = 1
 
     def callables(self) -> tuple[Callable, ...]:
         return tuple(c for c in (self.segment, self.update, self.serve) if c is not None)
@@ -40,3 +43,8 @@ class SegmentPlan:
     num_slots: int
     output_spec: tuple[tuple[str, Any], ...]  # ("slot", i) or ("const", value)
     num_blocks: int
+    # Policies that read the latent's change: ``probe(latent, previous, aux)`` writes
+    # ``[sum (latent - previous)^2, sum previous^2]`` into ``aux[:2]`` and the latent into
+    # ``previous``; ``probe_slot`` is the graph input it reads.
+    probe: Callable | None = None
+    probe_slot: int = -1

@@ -11,6 +11,7 @@ import math
 import torch
 
 from foresight_compile.runtime.buffers import CacheBuffers
+from foresight_compile.runtime.clock import StepClock
 from foresight_compile.runtime.policies.base import PolicyState
 
 
@@ -67,13 +68,14 @@ class BranchState:
     """Everything one CFG branch of one request keeps between steps."""
 
     def __init__(self, branch: int, num_blocks: int, device: torch.device,
-                 lookahead: int = 1) -> None:
+                 lookahead: int = 1, order: int = 0) -> None:
         self.branch = branch
         self.num_blocks = num_blocks
         self.device = device
         self.request = 0  # id of the request the state serves
         self.policy_state = PolicyState.allocate(num_blocks, device)
         self.buffers = CacheBuffers(num_blocks)
+        self.clock = StepClock(num_blocks, order, device)
         self.next_mask = HostMask(num_blocks, device, lookahead)
         # The device decision the policy writes at the end of each step (no allocation).
         self.decision = torch.zeros(num_blocks, dtype=torch.bool, device=device)
@@ -101,6 +103,7 @@ class BranchState:
             self.buffers.invalidate()
         self.signature = signature
         self.policy_state.reset()
+        self.clock.reset()
         self.next_mask.clear()
         self.step = 0
         self.last_timestep = math.inf

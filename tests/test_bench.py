@@ -18,7 +18,7 @@ STEPS = 12
 class StaleCacheTESTING_ONLY(StaticReuse):
     """Serves step 0's cache for the rest of the generation: what a stale-cache bug does."""
 
-    def computes_all(self, step, warmup, total=None):
+    def computes_all(self, step, warmup, total=None, run=0):
         return step == 0
 
 
@@ -60,7 +60,8 @@ def test_report_json_schema_is_stable(report, tmp_path):
     data = json.loads(report.to_json())
     assert data["schema_version"] == 1
     assert set(data) == {"schema_version", "workload", "steps", "repeats", "seed", "date", "torch",
-                         "diffusers", "threads", "block_share", "methods"}
+                         "diffusers", "threads", "block_share", "methods", "fronts", "verdict"}
+    assert set(data["fronts"]) == {"ours", "peer"}  # derived: written, ignored when read
     assert set(data["methods"][0]) == {"name", "kind", "family", "options", "compiled", "seconds",
                                        "speedup", "compile_seconds", "compile_ratio", "skipped",
                                        "cache_bytes", "psnr", "ssim", "ceiling", "error"}
@@ -83,7 +84,7 @@ def test_stale_cache_drops_psnr_below_the_gate_and_disabled_reuse_fails_skipped(
     # reuse disabled: the static policy never reuses
     torch._dynamo.reset()
     original = StaticReuse.computes_all
-    StaticReuse.computes_all = lambda self, step, warmup, total=None: True
+    StaticReuse.computes_all = lambda self, step, warmup, total=None, run=0: True
     try:
         disabled = run_bench("wan", [MethodSpec("static", (("lowering", "eager"),))],
                              steps=STEPS, repeats=1, progress=False)

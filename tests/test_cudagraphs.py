@@ -181,3 +181,29 @@ def test_policy_none_replays_every_graph_and_holds_no_cache():
     assert graphs.replayed == 3 * len(executor.steps)
     (state,) = program.controller.live_states()
     assert state.buffers.tensors == (None, None) and state.buffers.nbytes == 0
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_forecasts_and_the_latent_probe_match_the_segment_executor(name):
+    """The default policy (forecast history of two slots that rotate, latent-change probe)
+    under the CUDA-graph executor: the segment executor's decisions and values."""
+    options = {"tolerance": 2.0, "strict": True}
+    dit = models.FACTORIES[name](layers=2)
+    reference = torch.compile(dit.model, backend="foresight", options=options)
+    with foresight_compile.generation(num_steps=16):
+        expected = models.denoise(reference, dit, 16)
+    expected_mask = foresight_compile.stats(reference).mask
+    torch._dynamo.reset()
+    programs = []
+
+    def backend(gm, inputs, **_):
+        programs.append(ForesightProgram(gm, inputs, Options(**options, lowering="cudagraphs"),
+                                         capture=EagerCapture))
+        return programs[-1]
+
+    with foresight_compile.generation(num_steps=16):
+        got = models.denoise(torch.compile(dit.model, backend=backend), dit, 16)
+    (program,) = programs
+    assert program.controller.rows().mask == expected_mask
+    assert any(map(all, expected_mask)) and not all(map(all, expected_mask))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

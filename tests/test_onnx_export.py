@@ -82,7 +82,11 @@ def test_manifest_records_io_blocks_policy_opset_and_versions(wan):
     assert ex.manifest_path == manifest_path_for(ex.onnx_path)
     assert data["blocks"] == ["blocks.0", "blocks.1"] and data["if_nodes"] == 2
     assert data["policy"] == {"policy": "foresight", "warmup": 3, "recompute_every": 2,
-                              "threshold": 50.0, "decision": "per_layer", "num_steps": None}
+                              "threshold": 50.0, "decision": "per_layer", "num_steps": None,
+                              "order": None, "tolerance": 0.4, "max_run": 8}
+    assert data["history_slots"] == 1 and data["forecast_weights"] is None
+    assert data["latent_input"] == "hidden_states"
+    assert data["block_stats"]["shape"] == [2, 5]
     assert data["opset"] >= 18 and data["versions"]["torch"] == torch.__version__
     assert "diffusers" in data["versions"]
     assert data["reuse_mask"] == {"name": "reuse_mask", "shape": [2], "dtype": "bool"}

@@ -60,15 +60,23 @@ def test_non_finite_block_outputs_are_never_served():
 
 def _controller(policy="static", **kw):
     opts = Options(policy=policy, lowering="eager", **kw)
-    return ReuseController(2, get_policy(policy)(opts), timestep_index=1, signature_indices=[0])
+    return ReuseController(2, get_policy(policy)(opts), timestep_index=1, signature_indices=[0],
+                           order=opts.forecast_order)
+
+
+def _computed(state, block, value, mse=0.0):
+    """What a block's compiled update does when it computes: its buffers hold ``value``,
+    its metric row the raw sums (squared change, count, non-finite flag, forecast error,
+    norm)."""
+    state.buffers.store(block, (value.clone(),))
+    state.policy_state.rows[block].copy_(torch.tensor([mse, 1.0, 0.0, mse, 1.0]))
 
 
 def _run(ctrl, x, t):
     state = ctrl.begin([x, torch.tensor([t])])
     for l in range(2):
         if not state.mask[l]:
-            state.buffers.store(l, (x.clone(),))
-            state.policy_state.metrics[l, 1] = 1.0
+            _computed(state, l, x)
     ctrl.end(state)
     return state
 
@@ -236,9 +244,7 @@ def _masks_with_lookahead(lookahead: int) -> list[list[bool]]:
         masks.append(list(state.mask))
         for l in range(2):
             if not state.mask[l]:
-                state.buffers.store(l, (x.clone(),))
-                state.policy_state.metrics[l, 0] = mse[step][l]
-                state.policy_state.metrics[l, 1] = 1.0
+                _computed(state, l, x, mse[step][l])
         ctrl.end(state)
     return masks
 

@@ -48,7 +48,7 @@ def test_binding_plan_reads_one_cache_bank_and_writes_the_other(toy):
         plan.bindings(2)
     # the toy's cache: one (1, 4, 8) float32 tensor per block
     assert plan.bank_bytes == 3 * 4 * 8 * 4
-    assert plan.static_bytes == (32 + 1 + 32 + 3 * 2) * 4 + 3  # inputs, output, stats, mask
+    assert plan.static_bytes == (32 + 1 + 32 + 3 * 5) * 4 + 3  # inputs, output, stats [3, 5], mask
     assert plan.bytes_for(2) == plan.static_bytes + 4 * plan.bank_bytes
 
 

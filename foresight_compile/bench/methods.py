@@ -20,7 +20,7 @@ import torch
 from foresight_compile.errors import ForesightValueError
 from foresight_compile.passes.blocks import module_block_stacks
 
-OURS = ("none", "static", "foresight")
+OURS = ("none", "budget", "static", "foresight")
 PEERS = ("fbc", "pab", "taylorseer", "magcache", "cache-dit")
 BASELINES = ("inductor", "eager")
 
@@ -122,6 +122,7 @@ def parse_methods(text: str, sweep: dict[str, list[Any]] | None = None) -> list[
 
 
 _SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache", "cache-dit"),
+              "tolerance": ("budget",), "order": ("budget", "static", "foresight", "profiling"),
               "recompute_every": ("static", "foresight"), "warmup": ("static", "foresight"),
               "cache_interval": ("taylorseer",), "max_order": ("taylorseer",)}
 

@@ -9,9 +9,12 @@ passes as the backend (``find_blocks`` -> ``partition_blocks`` -> ``insert_cache
 and exports the graph form with ``torch.onnx.export(..., dynamo=True)``: every block is one
 ONNX ``If`` (then: serve the cache; else: compute the block, its change metric and its new
 cache). The ONNX model's inputs are the model's tensor inputs, ``reuse_mask`` (bool [L])
-and one ``cache_{l}_{k}`` per block output; its outputs are the model's outputs,
-``block_stats`` (float32 [L, 2]: MSE against the cache, 1.0 when finite) and one
-``new_cache_{l}_{k}`` per cache. The weights are initializers; those of at least
+``forecast_weights`` (float32 [L, k + 1], forecast order k >= 1 only) and one
+``cache_{l}_{i}`` per cached value (k + 1 per block output, newest first); its outputs are
+the model's outputs, ``block_stats`` (float32 [L, 5]: the raw change sums of
+``passes/change_metric.py``) and one ``new_cache_{l}_{i}`` per cache. With a forecast, the
+``If``'s then-branch serves ``sum_j w_j h_j`` and keeps the history; the else-branch
+computes the block and shifts its outputs in. The weights are initializers; those of at least
 ``external_data_threshold`` bytes go to ``<name>.onnx.data``. The manifest written next to
 it is the contract the engines check (``runtime/engines/manifest.py``).
 """
@@ -28,10 +31,11 @@ from foresight_compile.errors import BlockDiscoveryError, ExportError, Foresight
 from foresight_compile.passes.blocks import find_blocks
 from foresight_compile.version import __version__
 from foresight_compile.passes.cache_branch import insert_cache_branches
-from foresight_compile.passes.inputs import find_timestep_input
+from foresight_compile.passes.change_metric import STATS_COLUMNS
+from foresight_compile.passes.inputs import find_latent_input, find_timestep_input
 from foresight_compile.passes.partition import partition_blocks
 from foresight_compile.runtime.engines.manifest import (
-    MASK_NAME, METRIC_NODE_PREFIX, RESERVED_NAMES, STATS_NAME, CacheSpec, Manifest,
+    MASK_NAME, METRIC_NODE_PREFIX, RESERVED_NAMES, STATS_NAME, WEIGHTS_NAME, CacheSpec, Manifest,
     ManifestMismatchError, TensorSpec, check_against_manifest, dtype_name, manifest_path_for,
     onnx_io, policy_options, policy_record, sha256_of, write_manifest)
 
@@ -64,12 +68,13 @@ def capture_graph(model: torch.nn.Module, example_inputs: Mapping[str, Any]
 class _GraphFormModule(torch.nn.Module):
     """The graph form with the lifted weights baked in as buffers.
 
-    ``forward(*user_inputs, reuse_mask, *caches)`` calls the graph-form GraphModule with
+    ``forward(*user_inputs, reuse_mask, [forecast_weights,] *caches)`` calls the graph-form
+    GraphModule with
     every placeholder filled: user inputs by position, weights from this module's buffers
     (so ``torch.onnx.export`` writes them as initializers, not as inputs)."""
 
-    def __init__(self, graph: fx.GraphModule, slots: Sequence[tuple[str, Any]],
-                 constants: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, slots: Sequence[tuple[str, Any]], constants: Mapping[str, torch.Tensor],
+                 graph: fx.GraphModule) -> None:
         super().__init__()
         self.graph_form = graph
         self.slots = tuple(slots)  # ("user", position) | ("const", buffer name)
@@ -82,28 +87,33 @@ class _GraphFormModule(torch.nn.Module):
         return self.graph_form(*filled, *args[self.num_user:])
 
 
-def _cache_specs(segmented) -> list[tuple[int, int, torch.Size, torch.dtype]]:
+def _cache_specs(segmented, slots: int) -> list[tuple[int, int, torch.Size, torch.dtype]]:
+    """``(block, index, shape, dtype)`` of every cache tensor: per block, ``slots`` values
+    of each output, slot-major (newest first)."""
     specs = []
     for l, name in enumerate(segmented.block_submods):
         out = next(iter(segmented.gm.get_submodule(name).graph.find_nodes(op="output"))).args[0]
+        values = []
         for k, node in enumerate(out):
             value = node.meta.get("example_value", node.meta.get("val"))
             if not isinstance(value, torch.Tensor):
                 raise ExportError(f"output {k} of block {l} is not a tensor ({type(value).__name__})")
-            specs.append((l, k, value.shape, value.dtype))
+            values.append(value)
+        specs += [(l, j * len(values) + k, v.shape, v.dtype) for j in range(slots)
+                  for k, v in enumerate(values)]
     return specs
 
 
-def _tag_metric_nodes(ir_model) -> int:
+def _tag_metric_nodes(ir_model, stats_index: Sequence[int]) -> int:
     """Prefix the change-metric nodes of every compute branch with ``METRIC_NODE_PREFIX``.
 
-    In the else branch of each top-level ``If``, the metric nodes are the ancestors of the
-    last output (the stats) that no block output depends on. Tagging them lets a TensorRT
-    build keep exactly these layers in float32 under an fp16/bf16 flag. Returns the count."""
+    In the else branch of the l-th top-level ``If``, the metric nodes are the ancestors of
+    output ``stats_index[l]`` (the stats) that no other output depends on. Tagging them lets
+    a TensorRT build keep exactly these layers in float32 under an fp16/bf16 flag. Returns
+    the count."""
     tagged = 0
-    for node in ir_model.graph:
-        if node.op_type != "If":
-            continue
+    ifs = [node for node in ir_model.graph if node.op_type == "If"]
+    for node, stats in zip(ifs, stats_index):
         branch = node.attributes["else_branch"].as_graph()
 
         def ancestors(values) -> set:
@@ -116,8 +126,8 @@ def _tag_metric_nodes(ir_model) -> int:
                 stack.extend(v.producer() for v in n.inputs if v is not None)
             return seen
 
-        block = ancestors(branch.outputs[:-1])
-        for n in ancestors(branch.outputs[-1:]) - block:
+        others = ancestors([v for i, v in enumerate(branch.outputs) if i != stats])
+        for n in ancestors(branch.outputs[stats:stats + 1]) - others:
             n.name = METRIC_NODE_PREFIX + (n.name or n.op_type)
             tagged += 1
     return tagged
@@ -152,7 +162,7 @@ class ExportedModel:
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
-                path: str | pathlib.Path, policy: str = "foresight", *, opset: int | None = None,
+                path: str | pathlib.Path, policy: str = "budget", *, opset: int | None = None,
                 external_data_threshold: int = 1024, keep_stack_traces: bool = False,
                 **policy_settings: Any) -> ExportedModel:
     """Export ``model`` in the graph form: one ONNX ``If`` per block, cache as explicit state.
@@ -165,8 +175,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
         path: the ``.onnx`` file to write; ``<path>.data`` holds weights of at least
             ``external_data_threshold`` bytes, ``<path>.manifest.json`` the manifest.
         policy, policy_settings: the reuse policy engines use by default (``warmup``,
-            ``recompute_every``, ``threshold``, ``decision``, ``num_steps``); the ONNX graph
-            does not depend on them.
+            ``recompute_every``, ``threshold``, ``decision``, ``num_steps``, ``order``,
+            ``tolerance``, ``max_run``); the ONNX graph depends only on the forecast
+            ``order`` (the history each block keeps, and the ``forecast_weights`` input).
     Guarantees: the file passes ``onnx.checker`` (full check), strict shape inference gives
     every output the static shape the manifest records, and the top-level ``If`` count is
     the block count. Raises ``ForesightValueError`` for bad arguments, ``BlockDiscoveryError``
@@ -194,36 +205,39 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     gm, graph_inputs = capture_graph(model, example_inputs)
     stack = find_blocks(gm)
     segmented = partition_blocks(gm, stack)
-    graph = insert_cache_branches(segmented)
+    slots = options.forecast_order + 1
+    graph = insert_cache_branches(segmented, slots=slots)
 
     # Placeholders are user inputs (matched by identity: Dynamo hands the backend the very
     # tensors of the call) or weights and buffers, which are baked in.
     tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
-    slots, constants, user_names = [], {}, []
+    placeholder_slots, constants, user_names = [], {}, []
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), graph_inputs):
         if not isinstance(value, torch.Tensor):
             raise ExportError(f"graph input {node.name} is a {type(value).__name__}, not a "
                               f"tensor: export needs static shapes")
         user = next((k for k, t in tensors.items() if t is value), None)
         if user is not None and user not in user_names:
-            slots.append(("user", len(user_names)))
+            placeholder_slots.append(("user", len(user_names)))
             user_names.append(user)
         else:
-            slots.append(("const", node.name))
+            placeholder_slots.append(("const", node.name))
             constants[node.name] = value
     timestep_index = find_timestep_input(gm, graph_inputs)
-    timestep_slot = slots[timestep_index]
+    timestep_slot = placeholder_slots[timestep_index]
+    latent_slot = placeholder_slots[find_latent_input(gm, graph_inputs)]
     if timestep_slot[0] != "user":
         raise BlockDiscoveryError("the timestep is not one of example_inputs' tensors: engines "
                                   "need it as an input to count steps")
 
-    specs = _cache_specs(segmented)
+    specs = _cache_specs(segmented, slots)
     num_blocks = len(stack)
     device = tensors[user_names[timestep_slot[1]]].device  # the graph's device (CPU or CUDA)
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _, _, shape, dtype in specs]
     mask = torch.zeros(num_blocks, dtype=torch.bool, device=device)
-    module = _GraphFormModule(graph, slots, constants).eval()
-    args = (*[tensors[k] for k in user_names], mask, *caches)
+    weights = (torch.zeros(num_blocks, slots, device=device),) if slots > 1 else ()
+    module = _GraphFormModule(placeholder_slots, constants, graph).eval()
+    args = (*[tensors[k] for k in user_names], mask, *weights, *caches)
     with torch.no_grad():
         result = module(*args)
     num_outputs = len(result) - 1 - len(caches)
@@ -231,7 +245,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
                                   f"new_cache_{l}_{k}") for l, k, shape, dtype in specs)
     outputs = tuple(TensorSpec.of(f"output_{i}", t) for i, t in enumerate(result[:num_outputs]))
     input_specs = tuple(TensorSpec.of(k, tensors[k]) for k in user_names)
-    input_names = [*user_names, MASK_NAME, *(c.input.name for c in cache_specs)]
+    weights_spec = TensorSpec.of(WEIGHTS_NAME, weights[0]) if weights else None
+    input_names = [*user_names, MASK_NAME, *([WEIGHTS_NAME] if weights else []),
+                   *(c.input.name for c in cache_specs)]
     output_names = [*(s.name for s in outputs), STATS_NAME, *(c.output for c in cache_specs)]
 
     try:
@@ -245,7 +261,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     ir_model = program.model
     if not keep_stack_traces:
         _strip_stack_traces(ir_model)
-    _tag_metric_nodes(ir_model)
+    _tag_metric_nodes(ir_model, [len(next(iter(segmented.gm.get_submodule(name).graph.find_nodes(
+        op="output"))).args[0]) for name in segmented.block_submods])
     data_name = f"{path.name}.data"
     large = any(v.const_value is not None and v.const_value.nbytes >= external_data_threshold
                 for v in ir_model.graph.initializers.values())
@@ -269,7 +286,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
         constants={k: repr(v) for k, v in example_inputs.items() if k not in tensors},
         unused_inputs=tuple(k for k in tensors if k not in user_names),
         reuse_mask=TensorSpec.of(MASK_NAME, mask), caches=cache_specs, outputs=outputs,
-        block_stats=TensorSpec(STATS_NAME, (num_blocks, 2), "float32"),
+        block_stats=TensorSpec(STATS_NAME, (num_blocks, STATS_COLUMNS), "float32"),
+        forecast_weights=weights_spec, history_slots=slots,
+        latent_input=user_names[latent_slot[1]] if latent_slot[0] == "user" else None,
         blocks=tuple(b.path for b in stack.blocks), policy=policy_record(options),
         versions=_versions(), model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         external_data=data_name if large else None)

@@ -15,6 +15,7 @@ import torch
 from foresight_compile.errors import BlockDiscoveryError
 from foresight_compile.lowering.inductor_fixes import exact_cond_operand_strides
 from foresight_compile.passes.cache_branch import insert_cache_branches
+from foresight_compile.passes.change_metric import STATS_COLUMNS
 from foresight_compile.passes.partition import Segmented
 
 CacheSpecs = tuple[tuple[tuple[tuple[int, ...], torch.dtype], ...], ...]
@@ -49,8 +50,9 @@ def lower_graph_form(segmented: Segmented, example_inputs: Sequence,
     device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor))
     caches = [torch.zeros(shape, dtype=dtype, device=device) for block in specs
               for shape, dtype in block]
-    storage = torch.zeros(len(specs), 16, device=device)  # metric rows, as PolicyState lays them
-    rows = [storage[l, :2] for l in range(len(specs))]
+    # metric rows, as PolicyState lays them out (16 floats a block, the first written)
+    storage = torch.zeros(len(specs), 16, device=device)
+    rows = [storage[l, :STATS_COLUMNS] for l in range(len(specs))]
     mask = torch.zeros(len(specs), dtype=torch.bool, device=device)
     with exact_cond_operand_strides():
         fn = compile_fx(graph_gm, [*example_inputs, mask, *caches, *rows])

@@ -33,7 +33,7 @@ from foresight_compile.runtime.policies import get_policy
 from foresight_compile.runtime.report import Stats
 from foresight_compile.runtime.state import BranchState
 
-_INPUT_ROLES = frozenset({"input", "mask", "cache_in"})
+_INPUT_ROLES = frozenset({"input", "mask", "weights", "cache_in"})
 
 
 @dataclasses.dataclass
@@ -58,11 +58,26 @@ class ExportedEngine(Executor):
         self.device = device
         policy = get_policy(options.policy)(options)
         names = [s.name for s in manifest.inputs]
+        self.order = manifest.history_slots - 1
+        if options.forecast_order != self.order:
+            raise ForesightValueError(
+                f"option 'order'={options.forecast_order}, but {manifest.model_file} was "
+                f"exported with forecast order {self.order} (its history holds "
+                f"{manifest.history_slots} value(s) per block output): export again")
         self.controller = ReuseController(len(manifest.blocks), policy,
-                                          names.index(manifest.timestep_input), range(len(names)))
+                                          names.index(manifest.timestep_input), range(len(names)),
+                                          order=self.order)
         self.uses_cache = policy.needs_cache
+        self._latent = None
+        if policy.needs_latent_change:
+            if manifest.latent_input is None:
+                raise ForesightValueError(
+                    f"policy {options.policy!r} reads the latent's change, but the manifest of "
+                    f"{manifest.model_file} names no latent input: export again")
+            self._latent = names.index(manifest.latent_input)
         self._inputs = tuple(self._allocate(s) for s in self.plan.inputs)
         self._mask = self._allocate(self.plan.mask)
+        self._weights = None if self.plan.weights is None else self._allocate(self.plan.weights)
         self._outputs = tuple(self._allocate(s) for s in self.plan.outputs)
         self._stats = self._allocate(self.plan.stats)
         # The host writes the mask into a (pinned, on CUDA) host tensor through a numpy
@@ -76,6 +91,8 @@ class ExportedEngine(Executor):
         self._expected = {s.name: (i, s.shape, torch_dtype(s.dtype))
                           for i, s in enumerate(self.plan.inputs)}
         self._banks: "weakref.WeakKeyDictionary[BranchState, _Banks]" = weakref.WeakKeyDictionary()
+        self._scratch: "weakref.WeakKeyDictionary[BranchState, torch.Tensor]" = \
+            weakref.WeakKeyDictionary()
         self.build_seconds = 0.0
 
     # -- subclass hooks ------------------------------------------------------------------
@@ -106,8 +123,8 @@ class ExportedEngine(Executor):
         return banks
 
     def _resolve(self, parity: int, banks) -> dict[str, tuple[torch.Tensor, bool]]:
-        static = {"input": self._inputs, "mask": (self._mask,), "output": self._outputs,
-                  "stats": (self._stats,)}
+        static = {"input": self._inputs, "mask": (self._mask,), "weights": (self._weights,),
+                  "output": self._outputs, "stats": (self._stats,)}
         return {name: (banks[bank][index] if bank >= 0 else static[role][index],
                        role in _INPUT_ROLES)
                 for name, role, index, bank in self.plan.bindings(parity)}
@@ -156,8 +173,28 @@ class ExportedEngine(Executor):
     def __call__(self, **kwargs) -> tuple[torch.Tensor, ...]:
         return self.evaluate(self._load(kwargs))
 
+    def _latent_change(self, state: BranchState) -> None:
+        """The policy's latent-change sums into ``aux[:2]``, from the static input buffer:
+        in place, as the torch executor's compiled probe does."""
+        latent = self._inputs[self._latent]
+        previous = state.buffers.probe_like(latent)
+        aux = state.policy_state.aux
+        scratch = self._scratch.get(state)
+        if scratch is None:
+            scratch = self._scratch[state] = torch.empty_like(latent, dtype=torch.float32)
+        torch.sub(latent, previous, out=scratch)
+        torch.linalg.vector_norm(scratch, out=aux[0])
+        torch.linalg.vector_norm(previous, dtype=torch.float32, out=aux[1])
+        aux[:2].square_()
+        previous.copy_(latent)
+
     def run(self, state: BranchState, args) -> tuple:
         banks = self._banks_of(state)
+        if self._latent is not None:
+            self._latent_change(state)
+        if self._weights is not None:
+            self._weights.copy_(state.clock.device_table[: len(self.manifest.blocks),
+                                                         : self.manifest.history_slots])
         if self._mask_copied is not None:
             self._mask_copied.synchronize()
         self._mask_np[:] = state.mask
@@ -166,8 +203,8 @@ class ExportedEngine(Executor):
             self._mask_copied.record()
         self._run(banks.bound[banks.current])
         if self.uses_cache:
-            metrics = state.policy_state.metrics
-            torch.where(self._mask[:, None], metrics, self._stats, out=metrics)
+            raw = state.policy_state.raw  # reused blocks keep their last measurement
+            torch.where(self._mask[:, None], raw, self._stats, out=raw)
             banks.current ^= 1
             state.buffers.flip()
         return tuple(o.clone() for o in self._outputs)

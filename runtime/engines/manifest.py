@@ -24,16 +24,20 @@ from foresight_compile.errors import (ExportError, ForesightValueError,  # noqa:
 from foresight_compile.options import Options
 
 FORMAT = "foresight-compile/graph-form-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MASK_NAME = "reuse_mask"
 STATS_NAME = "block_stats"
+WEIGHTS_NAME = "forecast_weights"
+STATS_COLUMNS = ("sq", "count", "bad", "fsq", "nsq")  # passes/change_metric.py
 METRIC_NODE_PREFIX = "foresight_metric/"
-POLICY_KEYS = ("warmup", "recompute_every", "threshold", "decision", "num_steps")
+POLICY_KEYS = ("warmup", "recompute_every", "threshold", "decision", "num_steps", "order",
+               "tolerance", "max_run")
 # Tensor element types by name, with their ONNX TensorProto codes (a fixed part of the ONNX
 # spec, so no onnx import is needed to compare a model with its manifest).
 ONNX_DTYPES = {"float32": 1, "uint8": 2, "int8": 3, "int16": 5, "int32": 6, "int64": 7,
                "bool": 9, "float16": 10, "float64": 11, "bfloat16": 16}
-RESERVED_NAMES = re.compile(rf"^({MASK_NAME}|{STATS_NAME}|(new_)?cache_\d+_\d+|output_\d+)$")
+RESERVED_NAMES = re.compile(
+    rf"^({MASK_NAME}|{STATS_NAME}|{WEIGHTS_NAME}|(new_)?cache_\d+_\d+|output_\d+)$")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -105,10 +109,14 @@ class Manifest:
     model_class: str = ""
     external_data: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. "tensorrt"
+    forecast_weights: TensorSpec | None = None  # forecast order >= 1: float32 [L, slots]
+    history_slots: int = 1  # values cached per block output (forecast order + 1)
+    latent_input: str | None = None  # the input whose change a policy may read
 
     @property
     def engine_inputs(self) -> tuple[TensorSpec, ...]:
-        return (*self.inputs, self.reuse_mask, *(c.input for c in self.caches))
+        weights = () if self.forecast_weights is None else (self.forecast_weights,)
+        return (*self.inputs, self.reuse_mask, *weights, *(c.input for c in self.caches))
 
     @property
     def engine_outputs(self) -> tuple[TensorSpec, ...]:
@@ -116,9 +124,12 @@ class Manifest:
                 *(dataclasses.replace(c.input, name=c.output) for c in self.caches))
 
     def options(self, **overrides: Any) -> Options:
-        """The policy options recorded at export, with ``overrides`` (policy keys only)."""
+        """The policy options recorded at export, with ``overrides`` (policy keys only). The
+        forecast order is the exported one unless overridden (the graph holds that many
+        values per block)."""
         policy = overrides.pop("policy", self.policy["policy"])
         settings = {k: v for k, v in self.policy.items() if k != "policy"}
+        settings["order"] = self.history_slots - 1
         settings.update(overrides)
         return policy_options(policy, settings)
 
@@ -134,7 +145,10 @@ class Manifest:
             "caches": [{"block": c.block, "index": c.index, "block_path": self.blocks[c.block],
                         "input": c.input.to_json(), "output": c.output} for c in self.caches],
             "outputs": [s.to_json() for s in self.outputs],
-            "block_stats": {**self.block_stats.to_json(), "columns": ["mse", "finite"]},
+            "block_stats": {**self.block_stats.to_json(), "columns": list(STATS_COLUMNS)},
+            "forecast_weights": (None if self.forecast_weights is None
+                                 else self.forecast_weights.to_json()),
+            "history_slots": self.history_slots, "latent_input": self.latent_input,
             "blocks": list(self.blocks), "if_nodes": len(self.blocks),
             "metric_node_prefix": METRIC_NODE_PREFIX,
             "policy": self.policy, **({"extra": self.extra} if self.extra else {}),
@@ -161,7 +175,10 @@ class Manifest:
                 block_stats=TensorSpec.from_json(d["block_stats"]), blocks=tuple(d["blocks"]),
                 policy=dict(d["policy"]), versions=dict(d["versions"]),
                 model_class=d.get("model_class", ""), external_data=d.get("external_data"),
-                extra=dict(d.get("extra", {})))
+                extra=dict(d.get("extra", {})),
+                forecast_weights=(None if d.get("forecast_weights") is None
+                                  else TensorSpec.from_json(d["forecast_weights"])),
+                history_slots=int(d.get("history_slots", 1)), latent_input=d.get("latent_input"))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestMismatchError(f"{source} is malformed ({type(e).__name__}: {e}); "
                                         f"export the model again") from None
@@ -269,11 +286,12 @@ def verify_onnx_file(model_path: str | pathlib.Path, manifest: Manifest) -> None
 class BindingPlan:
     """Which preallocated buffer each engine tensor binds to.
 
-    Static buffers (user inputs, mask, outputs, stats) are shared by every CFG branch.
+    Static buffers (user inputs, mask, forecast weights, outputs, stats) are shared by every
+    CFG branch (a step writes its branch's mask and weights into them).
     Each branch owns two cache banks; a step with parity ``p`` reads bank ``p`` through the
     ``cache_*`` inputs and writes bank ``1 - p`` through the ``new_cache_*`` outputs, so no
-    cache is copied and no buffer moves. ``role`` is one of input, mask, output, stats,
-    cache_in, cache_out; ``index`` is the position within its role."""
+    cache is copied and no buffer moves. ``role`` is one of input, mask, weights, output,
+    stats, cache_in, cache_out; ``index`` is the position within its role."""
 
     inputs: tuple[TensorSpec, ...]
     mask: TensorSpec
@@ -282,6 +300,7 @@ class BindingPlan:
     caches: tuple[TensorSpec, ...]  # bank layout: the cache_* inputs
     cache_outputs: tuple[str, ...]
     cache_blocks: tuple[int, ...]  # block of each cache
+    weights: TensorSpec | None = None
 
     def bindings(self, parity: int) -> tuple[tuple[str, str, int, int], ...]:
         """``(engine tensor name, role, index, bank)``; bank is -1 for static buffers."""
@@ -289,6 +308,8 @@ class BindingPlan:
             raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         rows = [(s.name, "input", i, -1) for i, s in enumerate(self.inputs)]
         rows.append((self.mask.name, "mask", 0, -1))
+        if self.weights is not None:
+            rows.append((self.weights.name, "weights", 0, -1))
         rows += [(s.name, "output", i, -1) for i, s in enumerate(self.outputs)]
         rows.append((self.stats.name, "stats", 0, -1))
         rows += [(s.name, "cache_in", k, parity) for k, s in enumerate(self.caches)]
@@ -297,7 +318,8 @@ class BindingPlan:
 
     @property
     def static_bytes(self) -> int:
-        return sum(s.nbytes for s in (*self.inputs, self.mask, *self.outputs, self.stats))
+        weights = () if self.weights is None else (self.weights,)
+        return sum(s.nbytes for s in (*self.inputs, self.mask, *weights, *self.outputs, self.stats))
 
     @property
     def bank_bytes(self) -> int:
@@ -312,7 +334,8 @@ def binding_plan(manifest: Manifest) -> BindingPlan:
     return BindingPlan(inputs=manifest.inputs, mask=manifest.reuse_mask, outputs=manifest.outputs,
                        stats=manifest.block_stats, caches=tuple(c.input for c in manifest.caches),
                        cache_outputs=tuple(c.output for c in manifest.caches),
-                       cache_blocks=tuple(c.block for c in manifest.caches))
+                       cache_blocks=tuple(c.block for c in manifest.caches),
+                       weights=manifest.forecast_weights)
 
 
 def policy_options(policy: str, settings: Mapping[str, Any]) -> Options:

@@ -36,6 +36,6 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from foresight_compile.runtime.policies import basic, foresight, profiling  # noqa: E402,F401  (registers)
+from foresight_compile.runtime.policies import basic, budget, foresight, profiling  # noqa: E402,F401  (registers)
 
 __all__ = ["PolicyState", "ReusePolicy", "register_policy", "get_policy", "available_policies"]

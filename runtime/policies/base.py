@@ -6,47 +6,76 @@ from typing import ClassVar
 
 import torch
 
-# Column layout of PolicyState.metrics.
-MSE, FINITE = 0, 1
 # Each block's metric row starts on its own 64-byte boundary: the compiled update segments
 # write their row in place, and compiled code may assume aligned inputs (Triton does).
 ROW_STRIDE = 16
+# Raw columns, written by a block's compiled update (sums, so ranks of a sequence-parallel
+# group can add theirs up): squared change against the newest cached value, element count,
+# 1.0 when an element is not finite, squared error of the forecast the cache would have
+# served, squared norm of the block's cached quantity.
+SQ, COUNT, BAD, FSQ, NSQ = range(5)
+RAW = 5
+# Derived columns, computed by the controller from the raw ones after each step; ``metrics``
+# is the ``(mse, finite)`` view of them.
+_MSE_COLUMN, _FINITE_COLUMN, _FERR_COLUMN = 8, 9, 10
+MSE, FINITE = 0, 1  # column indexes of ``PolicyState.metrics``
 
 
 @dataclasses.dataclass
 class PolicyState:
     """Device tensors of one branch, allocated once and then only written in place.
 
-    ``metrics[l] = (mse, finite)`` is written by block ``l``'s compiled update each time it
-    computes: the MSE (float32) of its output (or residual) against its cache, and 1.0 when
-    every output element is finite. ``thresholds`` belongs to the policy. ``rows[l]`` is
-    the view of block ``l``'s row that the update writes; ``mse``/``finite`` are column
-    views, so nothing is indexed per step."""
+    ``rows[l]`` (float32 [5]) is written by block ``l``'s compiled update each time it
+    computes (see the raw columns above). After each step the controller derives, per
+    block, ``mse`` (the mean squared change against the cache, float32), ``finite`` (1.0
+    when every output element was finite) and ``ferr`` (the relative L2 error of the
+    forecast: ``sqrt(FSQ / NSQ)``); ``metrics`` is ``[mse, finite]``. ``thresholds`` and
+    ``aux`` (16 floats) belong to the policy."""
 
-    storage: torch.Tensor  # float32 [L, ROW_STRIDE]; metrics is its first two columns
+    storage: torch.Tensor  # float32 [L, ROW_STRIDE]
     thresholds: torch.Tensor  # float32 [L]
-    metrics: torch.Tensor = dataclasses.field(init=False)  # float32 [L, 2] (view)
+    aux: torch.Tensor  # float32 [ROW_STRIDE]: a policy's own device state
+    flags: torch.Tensor  # bool [ROW_STRIDE]: a policy's own device flags
+    raw: torch.Tensor = dataclasses.field(init=False)  # [L, RAW] (view)
+    metrics: torch.Tensor = dataclasses.field(init=False)  # [L, 2] (view): mse, finite
     rows: tuple[torch.Tensor, ...] = dataclasses.field(init=False)
     mse: torch.Tensor = dataclasses.field(init=False)
     finite: torch.Tensor = dataclasses.field(init=False)
-    scratch: torch.Tensor = dataclasses.field(init=False)  # bool [L], for policies' out=
+    ferr: torch.Tensor = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = self.storage[:, :2]
-        self.rows = tuple(self.storage[l, :2] for l in range(self.storage.shape[0]))
-        self.mse = self.metrics[:, MSE]
-        self.finite = self.metrics[:, FINITE]
-        self.scratch = torch.zeros(self.storage.shape[0], dtype=torch.bool,
-                                   device=self.storage.device)
+        self.raw = self.storage[:, :RAW]
+        self.metrics = self.storage[:, _MSE_COLUMN:_FINITE_COLUMN + 1]
+        self.rows = tuple(self.storage[l, :RAW] for l in range(self.storage.shape[0]))
+        self.mse = self.storage[:, _MSE_COLUMN]
+        self.finite = self.storage[:, _FINITE_COLUMN]
+        self.ferr = self.storage[:, _FERR_COLUMN]
 
     @classmethod
     def allocate(cls, num_blocks: int, device: torch.device) -> "PolicyState":
-        return cls(storage=torch.zeros(num_blocks, ROW_STRIDE, dtype=torch.float32, device=device),
-                   thresholds=torch.full((num_blocks,), -1.0, dtype=torch.float32, device=device))
+        state = cls(storage=torch.zeros(num_blocks, ROW_STRIDE, dtype=torch.float32, device=device),
+                    thresholds=torch.zeros(num_blocks, dtype=torch.float32, device=device),
+                    aux=torch.zeros(ROW_STRIDE, dtype=torch.float32, device=device),
+                    flags=torch.zeros(ROW_STRIDE, dtype=torch.bool, device=device))
+        state.reset()
+        return state
 
     def reset(self) -> None:
         self.storage.zero_()
+        # Blocks that never computed: counts and norms of 1, so derived values stay finite.
+        self.storage[:, COUNT].fill_(1.0)
+        self.storage[:, NSQ].fill_(1.0)
         self.thresholds.fill_(-1.0)
+        self.aux.zero_()
+        self.flags.zero_()
+
+    def derive(self) -> None:
+        """Derived columns from the raw ones (in place, no allocation)."""
+        torch.div(self.storage[:, SQ], self.storage[:, COUNT], out=self.mse)
+        torch.mul(self.storage[:, BAD], -1.0, out=self.finite)
+        self.finite.add_(1.0)
+        torch.div(self.storage[:, FSQ], self.storage[:, NSQ], out=self.ferr)
+        self.ferr.sqrt_()
 
 
 class ReusePolicy:
@@ -56,15 +85,19 @@ class ReusePolicy:
     controller calls them on every step and a step allocates nothing."""
 
     name: ClassVar[str] = "?"
+    default_warmup: ClassVar[int] = 8  # when the options leave warmup unset
     needs_cache: ClassVar[bool] = True  # False: never reuses, so no buffers are kept
     needs_metric: ClassVar[bool] = False  # True: stats report the change metric and thresholds
+    needs_latent_change: ClassVar[bool] = False  # True: the executor measures the input's change
 
     def __init__(self, options) -> None:
         self.options = options
 
-    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
-        """Host decision before ``step`` of a generation of ``total`` steps (None: unknown):
-        True when every block must compute."""
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None,
+                     run: int = 0) -> bool:
+        """Host decision before ``step`` of a generation of ``total`` steps (None: unknown),
+        ``run`` steps after the last step that computed every block: True when every block
+        must compute."""
         raise NotImplementedError
 
     def decide(self, state: PolicyState, out: torch.Tensor) -> None:
@@ -76,5 +109,6 @@ class ReusePolicy:
         """True: block's cache holds ``out - in`` and reuse serves ``in + residual``."""
         return self.options.reuse == "residual"
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState) -> None:
-        """After ``step`` ran (its metrics are in ``state``): update device state in place."""
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
+        """After ``step`` ran (its metrics are derived in ``state``): update device state in
+        place. ``clock`` (the branch's ``StepClock``) says which blocks computed and when."""

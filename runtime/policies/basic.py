@@ -13,7 +13,8 @@ class NoReuse(ReusePolicy):
 
     needs_cache = False
 
-    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None,
+                     run: int = 0) -> bool:
         return True
 
     def decide(self, state: PolicyState, out: torch.Tensor) -> None:
@@ -24,7 +25,8 @@ class NoReuse(ReusePolicy):
 class StaticReuse(ReusePolicy):
     """Compute every block on steps ``s < W`` and ``(s - W) % N == 0``; reuse all otherwise."""
 
-    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None,
+                     run: int = 0) -> bool:
         if warmup is None or step < warmup:
             return True
         return (step - warmup) % self.options.recompute_every == 0

@@ -28,7 +28,8 @@ class ForesightReuse(ReusePolicy):
         # (upper-triangular ones @ under) > 0; made once per device and block count.
         self._prefix: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None,
+                     run: int = 0) -> bool:
         if warmup is None or step < warmup:
             return True
         return (step - warmup) % self.options.recompute_every == 0
@@ -48,6 +49,6 @@ class ForesightReuse(ReusePolicy):
         torch.mv(upper, under, out=count)
         torch.gt(count, 0.5, out=out)
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState) -> None:
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
         if warmup is not None and step == warmup - 1:
             torch.mul(state.mse, self.options.threshold, out=state.thresholds)

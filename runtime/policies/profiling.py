@@ -48,7 +48,8 @@ class ProfilingReuse(ReusePolicy):
         self._background = None
         self._schedule: dict[tuple, set[int]] = {}
 
-    def computes_all(self, step: int, warmup: int | None, total: int | None = None) -> bool:
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None,
+                     run: int = 0) -> bool:
         if warmup is None or step < warmup:
             return True
         key = (warmup, total)

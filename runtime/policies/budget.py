@@ -1,0 +1,98 @@
+"""``budget``: step-level reuse with forecasts, under a measured error budget (ours).
+
+Every step either computes every block or serves every block a forecast (``order`` k: the
+Taylor / Lagrange extrapolation through its last k + 1 computed values, ``clock.py``). Why
+every block together: when blocks decide on their own, a block that computes reads a
+served (forecast) input, and that value enters its history and its finite differences;
+measured on the trained tiny video DiT, per-block decisions with forecasts lost 8-20 dB
+against the same rule applied to all blocks at once. With all blocks served, only the last
+block's forecast reaches the output (the executor runs nothing else of the stack).
+
+The decision follows a signal, not a schedule (TaylorSeer's fixed interval, Foresight's
+every-R-steps refresh):
+
+* at each step that computes, the forecast the cache would have served is measured against
+  what the stack really produced: ``e = |Y - F| / |Y|`` of the last block's output, at the
+  distance ``g`` (steps) from the previous compute; since an order-k extrapolation's error
+  grows as ``g^(k+1)``, the error rate is ``c = e / g^(k+1)``;
+* the sample's own pace, the relative change of the model's input between the last two
+  steps, ``rho``, scales it: the change per step is large early and late in a generation
+  (a trained model's block change is U-shaped), small in between;
+* serving step ``t`` is estimated to cost ``est = c * (t - s)^(k+1) * RHO_SCALE * rho`` (``s``
+  the last compute); a run of served steps accumulates ``A += est``; step ``t`` is served
+  while ``A + est <= tolerance``, and every block computes again when it is not. The first
+  ``order + 2`` steps (warmup) compute, so the history and ``c`` are measured before any
+  reuse; the last ``TAIL`` steps compute (their error lands in the output undamped); at most
+  ``max_run`` steps in a row are served.
+
+``tolerance`` is the one quality knob: larger serves more steps, monotonically.
+
+All of it runs on the device, from the previous step's metrics (or the one before, with
+``lookahead=2``): the decision is a bool written into a preallocated flag, host scalars
+(distances between steps) enter as Python floats of in-place ops, nothing is allocated and
+nothing is read back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from foresight_compile.runtime.policies import register_policy
+from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
+
+TAIL = 2
+# rho is about 1/steps in the middle of a generation; the scale makes est ~ c * g^(k+1) there,
+# so a tolerance reads as "accumulated relative error of served steps".
+RHO_SCALE = 50.0
+# aux columns: latent change sums (written by the executor's probe), rate, accumulated
+# estimate, per-parity pending estimates, rho, scratch.
+_DIFF, _NORM, _RATE, _ACC, _EST, _RHO, _TMP = 0, 1, 2, 3, 4, 6, 7
+
+
+@register_policy("budget")
+class BudgetReuse(ReusePolicy):
+    needs_metric = False
+    needs_latent_change = True
+
+    def __init__(self, options) -> None:
+        super().__init__(options)
+        self.order = options.forecast_order
+        self.power = self.order + 1
+        self.lookahead = options.lookahead
+
+    @property
+    def default_warmup(self) -> int:  # type: ignore[override]
+        return self.order + 2
+
+    def computes_all(self, step: int, warmup: int | None, total: int | None = None,
+                     run: int = 0) -> bool:
+        if warmup is None or step < max(warmup, self.order + 2):
+            return True
+        if total is not None and step >= total - TAIL:
+            return True
+        return run >= self.options.max_run
+
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
+        aux = state.aux
+        last = clock.num_blocks - 1
+        if clock.all_computed_at == step:
+            previous = clock.steps[last, 1]
+            gap = 1.0 if math.isnan(previous) else step - previous
+            torch.mul(state.ferr[last], 1.0 / gap ** self.power, out=aux[_RATE])
+            aux[_ACC].zero_()
+        else:
+            aux[_ACC].add_(aux[_EST + step % 2])
+        torch.div(aux[_DIFF], aux[_NORM], out=aux[_RHO])
+        aux[_RHO].sqrt_()
+        target = step + self.lookahead  # the step this end-of-step decision is for
+        gap = target - clock.steps[last, 0]
+        est = aux[_EST + target % 2]
+        torch.mul(aux[_RATE], aux[_RHO], out=est)
+        est.mul_(RHO_SCALE * gap ** self.power)
+        torch.add(aux[_ACC], est, out=aux[_TMP])
+        # NaN (no latent change measured yet) compares False: compute.
+        torch.le(aux[_TMP], self.options.tolerance, out=state.flags[0])
+
+    def decide(self, state: PolicyState, out: torch.Tensor) -> None:
+        out.copy_(state.flags[0].expand(out.shape[0]))
