@@ -140,7 +140,11 @@ def _has_submodules(nodes: list[fx.Node], path: str) -> bool:
 
 
 def _candidate_runs(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], dict[str, tuple[str, str]], str | None]:
-    """Group compute nodes by block path; check each block is one contiguous run."""
+    """Group compute nodes by block path; check each block is one contiguous run.
+
+    A stack whose blocks interleave (WanAnimate's motion-encoder ``res_blocks``) is dropped,
+    not fatal: the other stacks of the graph stay candidates. The reason is returned only
+    when that leaves no candidate at all."""
     members: dict[str, list[fx.Node]] = defaultdict(list)
     info: dict[str, tuple[str, str]] = {}
     order: list[fx.Node] = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -150,17 +154,31 @@ def _candidate_runs(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], dict[
         if key is not None:
             members[key[0]].append(n)
             info[key[0]] = (key[1], key[2])
-    # Absorb unlabelled nodes strictly inside a block's span; reject foreign labelled ones.
-    for path, nodes in list(members.items()):
+    dropped: set[str] = set()  # parent (stack) paths
+    problem = None
+    changed = True
+    while changed:
+        changed = False
+        for path, nodes in members.items():
+            if info[path][0] in dropped:
+                continue
+            first, last = position[nodes[0]], position[nodes[-1]]
+            for n in order[first:last + 1]:
+                key = _block_key(n)
+                if key is not None and key[0] != path and key[1] not in dropped:
+                    problem = problem or (f"the nodes of {path} are interleaved with those of "
+                                          f"{key[0]}: blocks must run one after the other")
+                    dropped.update({info[path][0], key[1]})
+                    changed = True
+                    break
+    kept = {p: ns for p, ns in members.items() if info[p][0] not in dropped}
+    if not kept:
+        return members, info, problem
+    # Absorb unlabelled nodes strictly inside a block's span.
+    for path, nodes in kept.items():
         first, last = position[nodes[0]], position[nodes[-1]]
-        span = order[first:last + 1]
-        for n in span:
-            key = _block_key(n)
-            if key is not None and key[0] != path:
-                return members, info, (f"the nodes of {path} are interleaved with those of "
-                                       f"{key[0]}: blocks must run one after the other")
-        members[path] = span
-    return members, info, None
+        kept[path] = order[first:last + 1]
+    return kept, {p: info[p] for p in kept}, None
 
 
 def _stacks(members: dict[str, list[fx.Node]], info: dict[str, tuple[str, str]]) -> dict[str, list[str]]:

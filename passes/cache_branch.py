@@ -22,6 +22,13 @@ reuse_mask, *caches, *rows) -> original_outputs``, where ``rows`` are the blocks
 the cache and the row in place) and ``reuse_l`` returns a copy of the cache. Nothing is
 copied back after a call and no cache is cloned on the compute side.
 
+``cond`` needs both branches to return each output with one dense layout (same stride
+order, sizes-product strides, storage offset 0). The reuse branch returns copies of the
+(contiguous) caches, so a block output that is not plainly contiguous is copied to a
+contiguous tensor at the end of the compute branch: HunyuanVideo and SkyReels-V2 carry the
+patch embedding's ``flatten(2).transpose(1, 2)`` layout through every block, Flux's single
+blocks return ``[:, :text_len]`` / ``[:, text_len:]`` slices of their joint sequence.
+
 Assumes ``segmented`` came from ``partition_blocks``; it is not modified (the new graph
 is built on copies of its submodules).
 """
@@ -37,9 +44,33 @@ from foresight_compile.passes.change_metric import STATS_COLUMNS, change_stats, 
 from foresight_compile.passes.partition import Segmented
 
 
-def _in_place_branch(n_outputs: int, n_inputs: int,
-                     update: fx.GraphModule | None) -> fx.GraphModule:
-    """compute (``update`` given) or reuse branch over operands ``(*caches, row, *inputs)``."""
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def needs_dense_copy(value) -> bool:
+    """True when a block output's layout differs from a contiguous copy's: cond refuses
+    branches whose outputs differ in stride order, in strides that are not size products
+    (slices), or in storage offset."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    return (value.storage_offset() != 0
+            or tuple(value.stride()) != _contiguous_strides(value.shape))
+
+
+def _dense(graph: fx.Graph, value: fx.Node) -> fx.Node:
+    return graph.call_method("clone", (value,), {"memory_format": torch.contiguous_format})
+
+
+def _in_place_branch(n_outputs: int, n_inputs: int, update: fx.GraphModule | None,
+                     dense: tuple[bool, ...] = ()) -> fx.GraphModule:
+    """compute (``update`` given) or reuse branch over operands ``(*caches, row, *inputs)``.
+
+    ``dense[k]``: the compute branch returns output ``k`` as a contiguous copy."""
     root = torch.nn.Module()
     graph = fx.Graph()
     caches = [graph.placeholder(f"cache{k}") for k in range(n_outputs)]
@@ -50,13 +81,17 @@ def _in_place_branch(n_outputs: int, n_inputs: int,
     else:
         root.update = update
         result = graph.call_module("update", (*inputs, *caches, row))
-        graph.output(tuple(graph.call_function(operator.getitem, (result, k))
-                           for k in range(n_outputs)))
+        outs = [graph.call_function(operator.getitem, (result, k)) for k in range(n_outputs)]
+        graph.output(tuple(_dense(graph, o) if d else o
+                           for o, d in zip(outs, dense or (False,) * n_outputs)))
     return fx.GraphModule(root, graph)
 
 
-def _branch(n_outputs: int, n_inputs: int, tracked: fx.GraphModule | None) -> fx.GraphModule:
-    """compute (``tracked`` given) or reuse branch over operands ``(*caches, *inputs)``."""
+def _branch(n_outputs: int, n_inputs: int, tracked: fx.GraphModule | None,
+            dense: tuple[bool, ...] = ()) -> fx.GraphModule:
+    """compute (``tracked`` given) or reuse branch over operands ``(*caches, *inputs)``.
+
+    ``dense[k]``: the compute branch returns output ``k`` as a contiguous copy."""
     root = torch.nn.Module()
     graph = fx.Graph()
     caches = [graph.placeholder(f"cache{k}") for k in range(n_outputs)]
@@ -68,13 +103,14 @@ def _branch(n_outputs: int, n_inputs: int, tracked: fx.GraphModule | None) -> fx
     else:
         root.tracked = tracked
         result = graph.call_module("tracked", (*inputs, *caches))
-        graph.output(tuple(graph.call_function(operator.getitem, (result, k))
-                           for k in range(n_outputs + 1)))
+        outs = [graph.call_function(operator.getitem, (result, k)) for k in range(n_outputs + 1)]
+        graph.output(tuple(_dense(graph, o) if k < len(dense) and dense[k] else o
+                           for k, o in enumerate(outs)))
     return fx.GraphModule(root, graph)
 
 
-def _forecast_branch(n_outputs: int, n_inputs: int, slots: int,
-                     block: fx.GraphModule | None) -> fx.GraphModule:
+def _forecast_branch(n_outputs: int, n_inputs: int, slots: int, block: fx.GraphModule | None,
+                     dense: tuple[bool, ...] = ()) -> fx.GraphModule:
     """Functional compute (``block`` given) or reuse branch of a forecast history, over
     operands ``(*history, weights, *inputs)`` (history slot-major, newest first). Both return
     ``(*outputs, stats, *new_history)``: compute shifts its new outputs in, reuse serves the
@@ -88,7 +124,7 @@ def _forecast_branch(n_outputs: int, n_inputs: int, slots: int,
                  for k in range(n_outputs)]
 
     def copies(values):
-        return [graph.call_method("clone", (v,)) for v in values]
+        return [_dense(graph, v) for v in values]
 
     if block is None:
         stats = graph.call_method("new_zeros", (history[0][0], (STATS_COLUMNS,)),
@@ -100,7 +136,8 @@ def _forecast_branch(n_outputs: int, n_inputs: int, slots: int,
         outs = [graph.call_function(operator.getitem, (result, k)) for k in range(n_outputs)]
         stats = graph.call_function(change_stats, (tuple(outs), tuple(history[0]), tuple(forecasts)))
         shifted = copies(outs) + [c for h in history[:-1] for c in copies(h)]
-        graph.output((*outs, stats, *shifted))
+        served = [_dense(graph, o) if k < len(dense) and dense[k] else o for k, o in enumerate(outs)]
+        graph.output((*served, stats, *shifted))
     return fx.GraphModule(root, graph)
 
 
@@ -164,15 +201,19 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False,
         if node.op == "call_module" and node.target in blocks:
             l, n = blocks[node.target], n_outputs[node.target]
             sub = src.get_submodule(node.target)
+            sub_out = next(iter(sub.graph.find_nodes(op="output"))).args[0]
+            dense = tuple(needs_dense_copy(o.meta.get("example_value", o.meta.get("val")))
+                          for o in sub_out)
             if in_place:
                 setattr(root, f"compute_{l}", _in_place_branch(n, len(node.args),
-                                                               with_cache_update(sub, n)))
+                                                               with_cache_update(sub, n), dense))
                 setattr(root, f"reuse_{l}", _in_place_branch(n, len(node.args), None))
             elif slots > 1:
-                setattr(root, f"compute_{l}", _forecast_branch(n, len(node.args), slots, sub))
+                setattr(root, f"compute_{l}", _forecast_branch(n, len(node.args), slots, sub, dense))
                 setattr(root, f"reuse_{l}", _forecast_branch(n, len(node.args), slots, None))
             else:
-                setattr(root, f"compute_{l}", _branch(n, len(node.args), with_change_metric(sub, n)))
+                setattr(root, f"compute_{l}", _branch(n, len(node.args), with_change_metric(sub, n),
+                                                      dense))
                 setattr(root, f"reuse_{l}", _branch(n, len(node.args), None))
             compute = graph.get_attr(f"compute_{l}")
             reuse = graph.get_attr(f"reuse_{l}")

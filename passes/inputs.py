@@ -40,7 +40,8 @@ def find_input(gm: fx.GraphModule, example_inputs: Sequence, stem: str):
 def find_timestep_input(gm: fx.GraphModule, example_inputs: Sequence) -> int:
     """Index of the graph input that carries the denoising timestep.
 
-    An input named ``timestep``/``timesteps`` wins; otherwise the first user tensor input
+    An input named ``timestep``/``timesteps`` wins, then one whose name ends in it
+    (``vision_timesteps``); otherwise the first user tensor input
     with at most one dimension and at most 64 elements (diffusers passes the timestep as a
     (batch,) tensor, possibly positionally). Raises ``BlockDiscoveryError`` when there is
     none: without it denoising steps and generations cannot be told apart.
@@ -48,6 +49,13 @@ def find_timestep_input(gm: fx.GraphModule, example_inputs: Sequence) -> int:
     stems = input_stems(gm)
     for i, stem in enumerate(stems):
         if stem in TIMESTEP_NAMES and isinstance(example_inputs[i], torch.Tensor):
+            return i
+    # A prefixed name: Cosmos 3 takes per-token ``vision_timesteps`` (and also has a small
+    # 1-D ``input_ids``, which the shape rule below would wrongly pick: every call would
+    # then look like a new CFG branch of one step, and nothing would ever be reused).
+    for i, stem in enumerate(stems):
+        if (stem is not None and re.search(r"(^|_)timesteps?(_|$)", stem)
+                and isinstance(example_inputs[i], torch.Tensor)):
             return i
     for i, (stem, value) in enumerate(zip(stems, example_inputs)):
         if (stem is not None and isinstance(value, torch.Tensor)

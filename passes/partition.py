@@ -16,7 +16,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.split_module import split_module_simple
+from torch.fx.passes.split_module import split_module, split_module_simple
 
 from foresight_compile.passes.blocks import BlockStack
 
@@ -60,7 +60,14 @@ def partition_blocks(gm: fx.GraphModule, stack: BlockStack) -> Segmented:
         node_to_partition[node] = current
     # split_module_simple returns a bare value for one-output partitions: make every
     # segment return a tuple so the executor treats all segments alike.
-    split = split_module_simple(gm, node_to_partition, partition_affix="fc")
+    if any(n.op == "get_attr" for n in gm.graph.nodes):
+        # split_module_simple takes no get_attr nodes; Dynamo emits them for the subgraphs
+        # of higher-order ops (flex_attention's score_mod/mask_mod in AnyFlow-FAR, cond,
+        # ...). split_module copies each into the partitions that read it.
+        split = split_module(gm, gm, lambda n: node_to_partition[n], keep_original_order=True,
+                             keep_original_node_name=True, partition_affix="fc")
+    else:
+        split = split_module_simple(gm, node_to_partition, partition_affix="fc")
     for node in list(split.graph.find_nodes(op="call_module")):
         _force_tuple_output(split, node.target)
     block_submods = tuple(f"submod_fc_{2 * b.index + 1}" for b in stack.blocks)

@@ -60,6 +60,8 @@ class Executor:
 
 
 def _gather(slots: tuple[int, ...]) -> Callable[[list], tuple]:
+    if not slots:  # a segment that reads no value (MotifVideo: a glue of constants)
+        return lambda env: ()
     if len(slots) == 1:
         (only,) = slots
         return lambda env: (env[only],)

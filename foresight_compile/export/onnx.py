@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from foresight_compile.version import __version__
 from foresight_compile.passes.cache_branch import insert_cache_branches
 from foresight_compile.passes.change_metric import STATS_COLUMNS
 from foresight_compile.passes.inputs import find_latent_input, find_timestep_input
+from foresight_compile.passes.onnx_rewrites import rewrite_for_onnx
 from foresight_compile.passes.partition import partition_blocks
 from foresight_compile.runtime.engines.manifest import (
     MASK_NAME, METRIC_NODE_PREFIX, RESERVED_NAMES, STATS_NAME, WEIGHTS_NAME, CacheSpec, Manifest,
@@ -202,7 +204,20 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
             raise ForesightValueError(f"input name {name!r} collides with a name the export "
                                       f"reserves (reuse_mask, cache_*, output_*, block_stats)")
 
+    nested = [k for k, v in example_inputs.items() if not isinstance(v, torch.Tensor) and any(
+        isinstance(t, torch.Tensor) and t.is_floating_point()
+        for t in torch.utils._pytree.tree_leaves(v))]
+    if nested:
+        # Baked in as constants (only top-level tensor arguments become ONNX inputs). Right
+        # for per-resolution tables (HunyuanDiT's image_rotary_emb), wrong for the latent
+        # (Cosmos 3's vision_tokens=[latent]): engines then refuse any other value.
+        warnings.warn(
+            f"example_inputs {nested} hold floating-point tensors inside a list, tuple or "
+            f"dict: they are baked into the model as constants, and engines will refuse any "
+            f"other value. If one of them changes between calls (the latent), export a "
+            f"wrapper module whose forward takes it as a tensor argument", stacklevel=2)
     gm, graph_inputs = capture_graph(model, example_inputs)
+    rewrite_for_onnx(gm)
     stack = find_blocks(gm)
     segmented = partition_blocks(gm, stack)
     slots = options.forecast_order + 1
@@ -278,7 +293,16 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported model fails onnx.checker: {e}") from e
     proto = onnx.load(str(path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        # onnx (<= 1.23 at least) data propagation inside an If branch can infer a wrong
+        # rank for Reshape(x, Concat(Slice(Shape(x)), ...)) when the Slice bounds are
+        # initializers of the outer graph; torch.onnx emits that for data-dependent shapes
+        # (Mochi's attention keeps only the valid text tokens). The model is valid
+        # (checker passed, onnxruntime runs it): infer without data propagation; the
+        # output shapes below are still checked against the manifest.
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=False)
     _, out_specs, ifs = onnx_io(inferred)
     manifest = Manifest(
         model_file=path.name, model_sha256=sha256_of(path), opset=_opset(proto),
