@@ -1,5 +1,11 @@
 """Public run-time API: ``stats(model)``, ``reset(model)`` and the call contexts
-``generation()`` / ``branch()``."""
+``generation()`` / ``branch()``.
+
+``stats`` and ``reset`` never raise on a compiled model (``torch.compile(model, ...)`` or
+``model.compile(...)``): before its first call ``stats`` reports nothing compiled yet and
+``reset`` does nothing; on a model the backend could not cache (it fell back to plain
+Inductor) ``stats`` says it is not accelerated and why (the warning's reason). Only a model
+that was never compiled raises ``NotCompiledError``."""
 from __future__ import annotations
 
 import contextlib
@@ -8,26 +14,47 @@ from typing import Iterator
 import torch
 
 from foresight_compile.errors import ForesightValueError, NotCompiledError
-from foresight_compile.program import ForesightProgram, programs_of
+from foresight_compile.program import ForesightProgram, fallbacks_of, programs_of
 from foresight_compile.runtime.context import call_context, request_context
 from foresight_compile.runtime.report import Stats
 
 __all__ = ["Stats", "stats", "reset", "generation", "branch"]
 
 
+NOT_YET = ("nothing compiled yet: the backend compiles at the model's first call (a model "
+           "compiled with another backend never has a foresight program)")
+
+
+def _is_compiled(model: torch.nn.Module) -> bool:
+    """``torch.compile(model)`` (an OptimizedModule) or ``model.compile()``."""
+    return (isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+            or getattr(model, "_compiled_call_impl", None) is not None)
+
+
 def _programs(model: torch.nn.Module) -> list[ForesightProgram]:
     found = programs_of(model)
-    if not found:
+    if not found and not _is_compiled(model) and not fallbacks_of(model):
         raise NotCompiledError(
-            "this model has no foresight program: compile it with torch.compile(model, "
-            "backend='foresight') and call it once (a model that fell back to plain Inductor "
-            "has none either; see the warning it printed)")
+            "this model was never compiled: compile it with torch.compile(model, "
+            "backend='foresight') (stats() and reset() accept the compiled module or the "
+            "original one once it has run)")
     return found
 
 
 def stats(model: torch.nn.Module) -> Stats:
-    """Reuse statistics of ``model`` (the compiled module or the original one)."""
+    """Reuse statistics of ``model`` (the compiled module or the original one).
+
+    ``accelerated`` is False, with the ``reason``, when no graph of the model holds a
+    cacheable block stack (the fallback's reason), or before the first call."""
     programs = _programs(model)
+    if not programs:
+        fallbacks = fallbacks_of(model)
+        if not fallbacks:
+            return Stats.not_accelerated(NOT_YET, "unknown")
+        # The most telling reason: a graph break (a split block) before "no stack found".
+        reason = next((f.reason for f in fallbacks if "graph break" in f.reason),
+                      fallbacks[0].reason)
+        return Stats.not_accelerated(reason, fallbacks[0].policy)
     return Stats.collect([p.controller for p in programs], programs[-1].block_paths,
                          sum(p.compile_seconds for p in programs), programs[-1].options.policy)
 
@@ -58,6 +85,7 @@ def branch(name: str) -> Iterator[None]:
 def reset(model: torch.nn.Module, clear_stats: bool = False) -> None:
     """Start a new generation at the next call of every branch (caches are forgotten).
 
-    ``clear_stats=True`` also empties what ``stats()`` reports."""
+    ``clear_stats=True`` also empties what ``stats()`` reports. Before the first call, or
+    on a model that fell back, there is nothing to reset."""
     for p in _programs(model):
         p.controller.reset(clear_stats)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from foresight_compile.errors import BlockDiscoveryError, ForesightValueError, surfaced
 from foresight_compile.options import Options
-from foresight_compile.program import ForesightProgram
+from foresight_compile.program import ForesightProgram, record_fallback
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,26 @@ def foresight_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except BlockDiscoveryError as e:
         if opts.strict:
             raise surfaced(e) from None
-        warnings.warn(f"foresight: {e}. The model runs without block reuse (plain "
+        reason = f"{e}{graph_break_note(gm)}"
+        record_fallback(example_inputs, reason, opts.policy)
+        warnings.warn(f"foresight: {reason}. The model runs without block reuse (plain "
                       f"{'Inductor' if opts.lowering == 'inductor' else 'eager'}).",
                       ForesightFallbackWarning, stacklevel=2)
     if opts.lowering == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
     return compile_fx(gm, list(example_inputs))
+
+
+def graph_break_note(gm: fx.GraphModule) -> str:
+    """Where Dynamo ended this graph, when a graph break did (empty otherwise): blocks
+    split by a graph break are not cacheable; ``foresight_compile.explain`` says more."""
+    why = getattr(gm, "compile_subgraph_reason", None)
+    if why is None or not getattr(why, "graph_break", False):
+        return ""
+    stack = list(getattr(why, "user_stack", None) or [])
+    where = (f" at {stack[-1].filename.rsplit('/', 1)[-1]}:{stack[-1].lineno} "
+             f"({(stack[-1].line or '').strip()})" if stack else "")
+    first = str(why.reason).strip().splitlines()[0] if why.reason else "graph break"
+    return (f"; this graph ends at a graph break{where}: {first} (see "
+            f"foresight_compile.explain(model, inputs) for every break and its remedy)")

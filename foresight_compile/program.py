@@ -7,6 +7,7 @@ the lowering (segment plan, graph form or CUDA graphs) and the executor that run
 """
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 from typing import Any, Callable, Sequence
@@ -17,17 +18,43 @@ import torch.fx as fx
 from foresight_compile.errors import ForesightValueError, surfaced
 from foresight_compile.lowering.graph_form import lower_graph_form
 from foresight_compile.lowering.plan import build_plan
-from foresight_compile.lowering.segments import SegmentCompiler
+from foresight_compile.lowering.segments import SegmentCompiler, is_symbolic, meta_value
 from foresight_compile.options import Options
 from foresight_compile.passes.blocks import BlockStack, find_blocks
 from foresight_compile.passes.inputs import find_input, find_latent_input, find_timestep_input
 from foresight_compile.passes.partition import Segmented, partition_blocks
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.executor import Executor, SegmentExecutor
+from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.graph_executor import GraphFormExecutor
 from foresight_compile.runtime.policies import get_policy
 
 _PROGRAMS: list[weakref.ref] = []
+# Graphs the backend could not cache (they run plain Inductor): the newest ones, whose.
+_FALLBACKS: collections.deque = collections.deque(maxlen=1024)
+
+
+class Fallback:
+    """A graph of some model that runs without block reuse, and the reason (the warning's)."""
+
+    def __init__(self, example_inputs: Sequence, reason: str, policy: str) -> None:
+        self.reason = reason
+        self.policy = policy
+        self._param_refs = [weakref.ref(v) for v in example_inputs
+                            if isinstance(v, torch.nn.Parameter)]
+
+    def owns_any(self, param_ids: set[int]) -> bool:
+        return any((p := r()) is not None and id(p) in param_ids for r in self._param_refs)
+
+
+def record_fallback(example_inputs: Sequence, reason: str, policy: str) -> None:
+    _FALLBACKS.append(Fallback(example_inputs, reason, policy))
+
+
+def fallbacks_of(model: torch.nn.Module) -> list[Fallback]:
+    """The graphs of ``model`` that fell back, oldest first."""
+    ids = {id(p) for p in getattr(model, "_orig_mod", model).parameters()}
+    return [f for f in list(_FALLBACKS) if f.owns_any(ids)]
 
 
 class ForesightProgram:
@@ -54,12 +81,20 @@ class ForesightProgram:
             hidden = find_input(gm, example_inputs, "hidden_states")
             profile.check([b.path for b in self.stack.blocks],
                           tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None)
+        self.frame_id = _frame_id()
         self.controller = ReuseController(len(self.stack), policy, timestep_index,
                                           signature_indices, lookahead=options.lookahead,
-                                          order=options.forecast_order)
+                                          order=options.forecast_order,
+                                          group=self._frame_group())
         self._latent_index = find_latent_input(gm, example_inputs)
+        # Symbolic sizes (dynamic shapes, an unspecialised float's .item(), a data-dependent
+        # op such as nonzero under capture_dynamic_output_shape_ops): compile every segment
+        # now, once, in Dynamo's shape environment, instead of per concrete size at its
+        # first call (where the symbols would have no environment to live in).
         self.compiler = SegmentCompiler(
-            "inductor" if options.lowering == "cudagraphs" else options.lowering)
+            "inductor" if options.lowering == "cudagraphs" else options.lowering,
+            symbolic=options.lowering == "inductor"
+            and is_symbolic(meta_value(n) for n in gm.graph.nodes))
         segmented = partition_blocks(gm, self.stack)
         self.executor = self._executor(segmented, example_inputs, capture)
         self.build_seconds = time.perf_counter() - start
@@ -94,6 +129,15 @@ class ForesightProgram:
             capture = CudaCapture
         return CudaGraphExecutor(plan, controller, example_inputs, capture=capture)
 
+    def _frame_group(self) -> FrameGroup:
+        """The group of this model's other compiles of the same frame (or a new one)."""
+        ids = {id(p) for r in self._param_refs if (p := r()) is not None}
+        for other in live_programs():
+            if (other is not self and self.frame_id is not None
+                    and other.frame_id == self.frame_id and other.owns_any(ids)):
+                return other.controller.group.join()
+        return FrameGroup().join()
+
     def owns_any(self, param_ids: set[int]) -> bool:
         """True when a parameter this program was compiled with is still alive and in
         ``param_ids``."""
@@ -111,15 +155,25 @@ class ForesightProgram:
         return self.executor.evaluate(args)
 
 
-def programs_of(model: torch.nn.Module) -> list[ForesightProgram]:
-    """Live programs compiled from ``model`` (or the OptimizedModule wrapping it)."""
-    model = getattr(model, "_orig_mod", model)
-    ids = {id(p) for p in model.parameters()}
+def _frame_id() -> int | None:
+    """Dynamo's id of the frame being compiled (recompiles of a frame share it)."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return None if compile_id is None else compile_id.frame_id
+
+
+def live_programs() -> list[ForesightProgram]:
     found = []
     for ref in list(_PROGRAMS):
         program = ref()
         if program is None:
             _PROGRAMS.remove(ref)
-        elif program.owns_any(ids):
+        else:
             found.append(program)
     return found
+
+
+def programs_of(model: torch.nn.Module) -> list[ForesightProgram]:
+    """Live programs compiled from ``model`` (or the OptimizedModule wrapping it)."""
+    model = getattr(model, "_orig_mod", model)
+    ids = {id(p) for p in model.parameters()}
+    return [p for p in live_programs() if p.owns_any(ids)]

@@ -24,13 +24,26 @@ import torch.fx as fx
 STATS_COLUMNS = 5  # SQ, COUNT, BAD, FSQ, NSQ (runtime/policies/base.py: RAW)
 
 
+def total(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a float32 tensor's elements, as a float32 scalar: per row (the last,
+    static dimension: a block's channels) in float32, then over the rows in float64.
+
+    One float32 sum over every element would make Inductor's CPU code choose its chunked
+    accumulator by the element count, ``numel > 4096``: under dynamic shapes that is a
+    guard on the input size, and a size on the other side of it recompiles. The float64
+    sum over rows needs no such choice (and loses less precision)."""
+    if x.dim() == 0:
+        return x
+    return x.sum(dim=-1).sum(dtype=torch.float64).float()
+
+
 def change_stats(values: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...],
                  forecasts: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     forecasts = caches if forecasts is None else forecasts
-    sq = torch.stack([(v.float() - c.float()).square().sum() for v, c in zip(values, caches)]).sum()
-    fsq = torch.stack([(v.float() - f.float()).square().sum()
+    sq = torch.stack([total((v.float() - c.float()).square()) for v, c in zip(values, caches)]).sum()
+    fsq = torch.stack([total((v.float() - f.float()).square())
                        for v, f in zip(values, forecasts)]).sum()
-    nsq = torch.stack([v.float().square().sum() for v in values]).sum()
+    nsq = torch.stack([total(v.float().square()) for v in values]).sum()
     # A tensor plus the element count: stays symbolic under dynamic shapes.
     count = sq.new_zeros(()) + sum(v.numel() for v in values)
     bad = torch.stack([~torch.isfinite(v).all() for v in values]).any().to(torch.float32)
@@ -63,7 +76,7 @@ def with_change_metric(block: fx.GraphModule, n_outputs: int,
 
 def _latent_change(latent: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     x, p = latent.float(), previous.float()
-    return torch.stack([(x - p).square().sum(), p.square().sum()])
+    return torch.stack([total((x - p).square()), total(p.square())])
 
 
 def latent_change_graph() -> fx.GraphModule:

@@ -21,13 +21,18 @@ from typing import Callable, Iterator
 _REQUEST_IDS = itertools.count(1)
 
 
+def next_request_id() -> int:
+    """A process-wide unique id (requests, and the per-thread states of calls outside one)."""
+    return next(_REQUEST_IDS)
+
+
 class Request:
     """One generation in flight. ``close()`` runs the release callbacks registered on it."""
 
     __slots__ = ("id", "num_steps", "closed", "_on_close", "__weakref__")
 
     def __init__(self, num_steps: int | None = None) -> None:
-        self.id = next(_REQUEST_IDS)
+        self.id = next_request_id()
         self.num_steps = num_steps
         self.closed = False
         self._on_close: list[Callable[["Request"], None]] = []

@@ -41,7 +41,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from foresight_compile.runtime.context import Request, current_context
+from foresight_compile.runtime.context import Request, current_context, next_request_id
+from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.history import HISTORY_ROWS, HistoryRows, StepHistory
 from foresight_compile.runtime.policies.base import ReusePolicy
 from foresight_compile.runtime.state import BranchState
@@ -70,7 +71,8 @@ class RequestState:
 class ReuseController:
     def __init__(self, num_blocks: int, policy: ReusePolicy, timestep_index: int,
                  signature_indices: Sequence[int], lookahead: int = 1,
-                 history_rows: int = HISTORY_ROWS, order: int = 0) -> None:
+                 history_rows: int = HISTORY_ROWS, order: int = 0,
+                 group: FrameGroup | None = None) -> None:
         self.num_blocks = num_blocks
         self.policy = policy
         self.timestep_index = timestep_index
@@ -88,6 +90,8 @@ class ReuseController:
         self._generation_ids = iter(range(1 << 62))
         self._warned_warmup = False
         self._all_computed = [False] * num_blocks
+        # The other controllers of this frame (Dynamo recompiles): see frames.py.
+        self.group = group
 
     # -- reporting ----------------------------------------------------------------------
     @property
@@ -120,16 +124,16 @@ class ReuseController:
             self._computes[:] = 0
 
     # -- requests and branches ------------------------------------------------------------
-    def _request_state(self, request: Request | None) -> RequestState:
-        table, key = ((self._by_request, request) if request is not None
-                      else (self._by_thread, threading.current_thread()))
-        found = table.get(key)
+    def _request_state(self, request: Request | None, owner: object) -> RequestState:
+        table = self._by_request if request is not None else self._by_thread
+        found = table.get(owner)
         if found is not None:
             return found
         with self._lock:
-            found = table.get(key)
+            found = table.get(owner)
             if found is None:
-                found = table[key] = RequestState(request.id if request is not None else 0)
+                found = table[owner] = RequestState(
+                    request.id if request is not None else next_request_id())
                 if request is not None:
                     request.on_close(self._release)
         return found
@@ -167,7 +171,15 @@ class ReuseController:
         timestep = None
         if request is None or name is None:
             timestep = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
-        req = self._request_state(request)
+        owner = request if request is not None else threading.current_thread()
+        req = self._request_state(request, owner)
+        if self.group is not None and self.group.switched(
+                owner, self, timestep if name is None else ("name", name)):
+            # Another compile of this frame ran this caller's branch since: its inputs
+            # changed in between (frames.py). Start over, as for a signature change.
+            for known in req.branches:
+                known.epoch = -1
+            req.previous_timestep = None
         if req.epoch != self._epoch:
             # After reset(): the next call is a first call, whatever the last timestep was.
             req.epoch = self._epoch
@@ -231,7 +243,8 @@ class ReuseController:
                 "foresight: 'warmup' is a fraction but the number of steps is unknown for this "
                 "first generation; it computes every block. Pass options={'num_steps': N} to "
                 "reuse from the first generation.", stacklevel=4)
-        self.generations += 1
+        with self._lock:
+            self.generations += 1
         log.debug("request %d branch %d: generation %d starts", req.id, state.branch,
                   state.generation)
 
@@ -247,11 +260,12 @@ class ReuseController:
         mask = state.mask
         state.clock.record(state.step, mask)
         policy.observe(state.step, state.warmup, ps, state.clock)
-        self._computes += np.logical_not(mask)
         metric = policy.needs_metric
-        self.history.record(state.request, state.generation, state.branch, state.step, mask,
-                            state.timestep_record, state.device,
-                            ps.mse if metric else None, ps.thresholds if metric else None)
+        with self._lock:  # shared by every request: concurrent calls must not lose rows
+            self._computes += np.logical_not(mask)
+            self.history.record(state.request, state.generation, state.branch, state.step,
+                                mask, state.timestep_record, state.device,
+                                ps.mse if metric else None, ps.thresholds if metric else None)
         state.step += 1
         if policy.needs_cache:
             policy.decide(ps, state.decision)

@@ -64,3 +64,38 @@ class ToyWorkload:
 
 def toy_workload() -> ToyWorkload:
     return ToyWorkload()
+
+
+class ExactBlock(nn.Module):
+    """A block whose output tells which input it was computed from: nonlinear (so a
+    forecast never equals a compute), in the input's dtype, any shape (..., dim)."""
+
+    def __init__(self, dim: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.scale = nn.Parameter(torch.rand(dim, generator=g) + 0.5)
+        self.shift = nn.Linear(dim, dim)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x * self.scale.to(dtype) + temb.to(dtype)
+        h = self.shift(h.float()).to(dtype)
+        h = torch.tanh(h) * torch.sigmoid(self.mix(x.float()).to(dtype))
+        return x + 0.5 * h
+
+
+class ExactDiT(nn.Module):
+    """``ToyDiT`` for the controller's property suite: any float dtype, any (B, N, dim)."""
+
+    def __init__(self, dim: int = 8, layers: int = 3) -> None:
+        super().__init__()
+        self.t_embed = nn.Linear(1, dim)
+        self.blocks = nn.ModuleList(ExactBlock(dim, seed=l) for l in range(layers))
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor):
+        temb = self.t_embed(timestep.reshape(-1, 1).float() / 1000)[:, None, :]
+        x = hidden_states * 1.0
+        for block in self.blocks:
+            x = block(x, temb)
+        return (x * 1.0,)

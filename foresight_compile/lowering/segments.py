@@ -3,11 +3,21 @@
 Blocks of one stack have the same graph up to names (their parameters are inputs, not
 constants), so a block's compiled code serves every block whose graph and input
 metadata (shapes, strides, dtypes) match: a 24-block stack costs one block compile.
-Compiles happen lazily at a segment's first call, with that call's real tensors.
+
+Static shapes: compiles happen lazily at a segment's first call, with that call's real
+tensors, keyed by their concrete metadata (under a lock: concurrent requests may reach a
+segment's first call together). Dynamic shapes (Dynamo passed symbolic inputs:
+``dynamic=True``, ``mark_dynamic``, or an automatic-dynamic recompile): every segment is
+compiled once, eagerly, inside the backend call, from its placeholders' fake example
+values (symbolic sizes of Dynamo's ShapeEnv), keyed by graph structure and *symbolic*
+metadata, and never unbound: the code serves every size Dynamo's guards admit, and the
+guards Inductor adds while compiling land in Dynamo's ShapeEnv, so Dynamo installs them
+(a size the code cannot serve recompiles the frame, visibly, instead of running wrong).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -54,55 +64,137 @@ def graph_key(gm: fx.GraphModule) -> tuple:
     return tuple(parts)
 
 
+def meta_value(node: fx.Node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _backend_fake(value: Any) -> Any:
+    """``value`` (a fake of Dynamo's tracing FakeTensorMode) as a fake of the backend's.
+
+    Dynamo hands the backend a fresh FakeTensorMode over the same ShapeEnv
+    (``TracingContext.fake_mode``); node metas belong to the tracing one. AOTAutograd would
+    re-fake them with ``from_tensor``, which drops ``item_memo``: the ``.item()`` Dynamo
+    emits for an unspecialized float (a norm's ``eps``, a 0-d float64 graph input under
+    ``dynamic=True``) would then yield a fresh unbacked SymFloat and ``layer_norm(eps=...)``
+    fails (GuardOnDataDependentSymNode). Converting here keeps the backed SymFloat."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(value, FakeTensor):
+        return value
+    context = torch._guards.TracingContext.try_get()
+    mode = context.fake_mode if context is not None else None
+    if mode is None or value.fake_mode is mode:
+        return value
+    fake = mode.from_tensor(value)
+    if value.item_memo is not None and fake.item_memo is None:
+        fake.item_memo = value.item_memo
+    return fake
+
+
+def example_args(gm: fx.GraphModule) -> list:
+    """A segment's fake example inputs: its placeholders' example values (the split copies
+    them from Dynamo's graph, and adds a SymInt placeholder for every size symbol a
+    cross-segment tensor needs; the cache wrappers set theirs)."""
+    values = [meta_value(p) for p in gm.graph.find_nodes(op="placeholder")]
+    missing = [p.name for p, v in zip(gm.graph.find_nodes(op="placeholder"), values) if v is None]
+    if missing:
+        raise RuntimeError(f"segment inputs {missing} have no example value to compile from")
+    return [_backend_fake(v) for v in values]
+
+
+def is_symbolic(values) -> bool:
+    """True when some value is a SymInt/SymFloat or a tensor of symbolic size."""
+    for v in values:
+        if isinstance(v, (torch.SymInt, torch.SymFloat)):
+            return True
+        if isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape):
+            return True
+    return False
+
+
+def _symbolic_args_key(args) -> tuple:
+    """Like ``_args_key``, with sizes and strides as symbolic expressions."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((tuple(map(str, a.shape)), tuple(map(str, a.stride())), a.dtype,
+                        a.device, a.requires_grad))
+        elif isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            key.append((type(a).__name__, str(a.node.expr)))
+        else:
+            key.append((type(a).__name__, a))
+    return tuple(key)
+
+
 def _args_key(args: tuple) -> tuple:
     return tuple((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad)
                  if isinstance(a, torch.Tensor) else (type(a).__name__, a) for a in args)
 
 
 class SegmentCompiler:
-    """Hands out callables for segments; shares compiled code between equal segments."""
+    """Hands out callables for segments; shares compiled code between equal segments.
 
-    def __init__(self, lowering: str) -> None:
+    ``symbolic``: compile each segment at once from its fake example values (call it within
+    the backend call, where Dynamo's TracingContext is current); Inductor lowering only."""
+
+    def __init__(self, lowering: str, symbolic: bool = False) -> None:
         self.lowering = lowering
+        self.symbolic = symbolic and lowering == "inductor"
         self._compiled: dict[tuple, Callable] = {}
+        self._lock = threading.Lock()
         self.compile_seconds = 0.0
         self.compiles = 0
 
     def segment(self, gm: fx.GraphModule) -> "Segment":
-        return Segment(self, gm, graph_key(gm) if self.lowering == "inductor" else ())
+        if not self.symbolic:
+            return Segment(self, gm, graph_key(gm) if self.lowering == "inductor" else ())
+        args = example_args(gm)
+        segment = Segment(self, gm, graph_key(gm), symbolic=True)
+        segment.fn = self.compiled((segment.graph_key, _symbolic_args_key(args)), gm, args)
+        return segment
 
-    def compiled(self, key: tuple, gm: fx.GraphModule, args: tuple) -> Callable:
+    def compiled(self, key: tuple, gm: fx.GraphModule, args) -> Callable:
         fn = self._compiled.get(key)
-        if fn is None:
-            from torch._inductor.compile_fx import compile_fx
-            start = time.perf_counter()
-            # The segment is only ever called with inputs of the metadata in ``key``
-            # (shapes, strides, dtypes), so Inductor's per-input asserts are redundant.
-            compiled = compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
-            self.compile_seconds += time.perf_counter() - start
-            self.compiles += 1
-            fn = self._compiled[key] = compiled
-            log.debug("compiled a segment (%d distinct so far)", self.compiles)
+        if fn is not None:
+            return fn
+        with self._lock:
+            fn = self._compiled.get(key)
+            if fn is None:
+                from torch._inductor.compile_fx import compile_fx
+                start = time.perf_counter()
+                # The segment is only ever called with inputs of the metadata in ``key``
+                # (shapes, strides, dtypes), so Inductor's per-input asserts are redundant.
+                compiled = compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
+                self.compile_seconds += time.perf_counter() - start
+                self.compiles += 1
+                fn = self._compiled[key] = compiled
+                log.debug("compiled a segment (%d distinct so far)", self.compiles)
         return fn
 
 
 class Segment:
-    """A callable segment; under Inductor it binds compiled code at its first call."""
+    """A callable segment; under Inductor it binds compiled code at its first call (static
+    shapes) or at construction (symbolic shapes: bound for good)."""
 
-    __slots__ = ("_compiler", "gm", "_graph_key", "fn")
+    __slots__ = ("_compiler", "gm", "graph_key", "fn", "symbolic")
 
-    def __init__(self, compiler: SegmentCompiler, gm: fx.GraphModule, key: tuple) -> None:
+    def __init__(self, compiler: SegmentCompiler, gm: fx.GraphModule, key: tuple,
+                 symbolic: bool = False) -> None:
         self._compiler = compiler
         self.gm = gm
-        self._graph_key = key
+        self.graph_key = key
+        self.symbolic = symbolic
         self.fn: Callable | None = gm.forward if compiler.lowering == "eager" else None
 
     def unbind(self) -> None:
-        """Input shapes changed: look up (or compile) code for the new ones at the next call."""
-        if self._compiler.lowering != "eager":
+        """Input shapes changed: look up (or compile) code for the new ones at the next call.
+        Symbolic code serves every size Dynamo's guards admit: it stays."""
+        if self._compiler.lowering != "eager" and not self.symbolic:
             self.fn = None
 
     def __call__(self, *args):
-        if self.fn is None:
-            self.fn = self._compiler.compiled((self._graph_key, _args_key(args)), self.gm, args)
-        return self.fn(*args)
+        fn = self.fn
+        if fn is None:
+            fn = self.fn = self._compiler.compiled((self.graph_key, _args_key(args)), self.gm,
+                                                   args)
+        return fn(*args)

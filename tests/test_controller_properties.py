@@ -1,0 +1,231 @@
+"""The controller against an executable model of its contract, on random call sequences.
+
+Each sequence (a seeded generator, reproducible from its number) mixes what callers do:
+shapes, dtypes and batch sizes that change between and within generations; 1-3 CFG calls
+per step, named and unnamed; 1 to 60 steps; timesteps that decrease, repeat and jump up;
+calls inside ``generation()`` (with and without ``num_steps``) and outside any request;
+``reset()`` at random points; several threads at once, each with its own sequence; now and
+then a non-finite input. Every call is checked by ``contract.Contract`` (the reference):
+0 stale reuses (no value served from another generation, branch, request, shape or dtype),
+no continued generation where the contract requires a new one, and no crash.
+
+The default suite runs a few hundred sequences (time-bounded); the benchmark job's
+``-m slow`` case runs 2,000 and prints the closing figure.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+import foresight_compile
+from contract import Contract, np_rng
+from foresight_compile import Options
+from foresight_compile.program import ForesightProgram
+from foresight_compile.runtime.context import current_context
+from toy import ExactDiT
+
+# Policies under test: the default (budget: forecast order 1), static with copies and with
+# order-2 forecasts, and foresight (per-block decisions).
+CONFIGS = {
+    "budget": {"tolerance": 2.0},
+    "static0": {"policy": "static", "warmup": 1, "recompute_every": 3, "order": 0},
+    "static2": {"policy": "static", "warmup": 2, "recompute_every": 4, "order": 2},
+    "foresight": {"policy": "foresight", "warmup": 2, "recompute_every": 3, "threshold": 4.0},
+}
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+NAMES = ("cond", "uncond", "extra")
+_LOCAL = threading.local()
+
+
+def _recording_backend(options: dict):
+    """The foresight backend (eager lowering), recording in the calling thread what the
+    controller decided for each call: the step index and the mask."""
+    def backend(gm, example_inputs, **_):
+        program = ForesightProgram(gm, example_inputs, Options.from_dict(options))
+        controller, executor = program.controller, program.executor
+
+        def run(*args):
+            state = controller.begin(args)
+            _LOCAL.seen = (state.step, list(state.mask))
+            outputs = executor.run(state, args)
+            controller.end(state)
+            return outputs
+        return run
+    return backend
+
+
+class Models:
+    """One compiled ExactDiT per policy config, shared by every sequence."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.entries = {}
+        for name, opts in CONFIGS.items():
+            model = ExactDiT(dim=8, layers=3).eval()
+            options = {**opts, "lowering": "eager", "strict": True}
+            fast = torch.compile(model, backend=_recording_backend(options))
+            self.entries[name] = (model, fast, Options(**options).forecast_order + 1)
+
+
+@dataclasses.dataclass
+class Segment:
+    request: bool
+    num_steps: int | None
+    names: tuple[str, ...] | None
+    cfg: int
+    # per step: (timestep, shape, dtype, non-finite input)
+    steps: list
+    reset_before: bool = False
+
+
+@dataclasses.dataclass
+class Tally:
+    sequences: int = 0
+    calls: int = 0
+    stale: int = 0
+    crashes: int = 0
+    required_starts: int = 0
+    extra_starts: int = 0
+    problems: list = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"{self.sequences} sequences, {self.calls} calls, stale reuses {self.stale}, "
+                f"crashes {self.crashes}; generation starts required {self.required_starts}, "
+                f"extra {self.extra_starts}")
+
+
+def _script(rng, allow_reset: bool, max_calls: int) -> list[Segment]:
+    segments, calls = [], 0
+    while calls < max_calls:
+        n = int(rng.integers(20, 61)) if rng.random() < 0.25 else int(rng.integers(1, 13))
+        cfg = int(rng.integers(1, 4))
+        named = rng.random() < 0.4
+        request = rng.random() < 0.5
+        num_steps = (int(rng.integers(1, n + 3)) if rng.random() < 0.7 else None) if request else None
+        shape = (int(rng.choice([1, 2, 3])), int(rng.choice([2, 3, 5])), 8)
+        dtype = DTYPES[0] if rng.random() < 0.6 else DTYPES[int(rng.integers(0, 3))]
+        t = float(rng.integers(500, 1001))
+        steps = []
+        for _ in range(n):
+            steps.append((t, shape, dtype, rng.random() < 0.02))
+            r = rng.random()
+            t = t if r < 0.08 else t + float(rng.integers(1, 200)) if r < 0.16 else \
+                t - float(rng.integers(1, 40))
+            if rng.random() < 0.05:
+                shape = (int(rng.choice([1, 2, 3])), int(rng.choice([2, 3, 5])), 8)
+            if rng.random() < 0.05:
+                dtype = DTYPES[int(rng.integers(0, 3))]
+        segments.append(Segment(request, num_steps, NAMES[:cfg] if named else None, cfg, steps,
+                                reset_before=allow_reset and rng.random() < 0.15))
+        calls += n * cfg
+    return segments
+
+
+def _run_script(fast, model, contract: Contract, script, seed: int, tally: Tally,
+                lock: threading.Lock) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for seg in script:
+        if seg.reset_before:
+            foresight_compile.reset(fast)
+            contract.reset()
+        context = (foresight_compile.generation(num_steps=seg.num_steps) if seg.request
+                   else contextlib.nullcontext())
+        with context:
+            caller = current_context().request if seg.request else threading.current_thread()
+            for t, shape, dtype, bad in seg.steps:
+                for c in range(seg.cfg):
+                    name = seg.names[c] if seg.names else None
+                    x = torch.randn(shape, generator=g).to(dtype)
+                    if bad:
+                        x[0, 0, 0] = float("inf")
+                    try:
+                        with (foresight_compile.branch(name) if name else contextlib.nullcontext()):
+                            with torch.no_grad():
+                                out = fast(hidden_states=x, timestep=torch.full((shape[0],), t))[0]
+                    except Exception as e:  # a crash: counted, and this script stops
+                        with lock:
+                            tally.crashes += 1
+                            tally.problems.append(f"seed {seed}: crash {type(e).__name__}: {e}")
+                        return
+                    step, mask = _LOCAL.seen
+                    verdict = contract.call(caller, seg.request, seg.num_steps, name, x, t,
+                                            step, mask, out)
+                    with lock:
+                        tally.calls += 1
+                        tally.required_starts += verdict.mandatory
+                        tally.extra_starts += verdict.restarted and not verdict.mandatory
+                        if verdict.problems:
+                            tally.stale += 1
+                            tally.problems.append(f"seed {seed} t={t} {name}: {verdict.problems}")
+
+
+def run_sequences(models: Models, count: int, budget_s: float | None = None,
+                  first_seed: int = 0) -> Tally:
+    tally, lock = Tally(), threading.Lock()
+    start = time.perf_counter()
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        for seed in range(first_seed, first_seed + count):
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                break
+            rng = np_rng(seed)
+            name = list(CONFIGS)[seed % len(CONFIGS)]
+            model, fast, slots = models.entries[name]
+            foresight_compile.reset(fast) if _compiled(fast) else None
+            threads = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
+            contract = Contract(model, slots)
+            scripts = [_script(rng, threads == 1, 120 // threads) for _ in range(threads)]
+            if threads == 1:
+                _run_script(fast, model, contract, scripts[0], seed, tally, lock)
+            else:
+                # One contract, each thread its own callers (its thread, its requests).
+                workers = [threading.Thread(target=_run_script,
+                                            args=(fast, model, contract, s, seed * 10 + i,
+                                                  tally, lock))
+                           for i, s in enumerate(scripts)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+            tally.sequences += 1
+    return tally
+
+
+def _compiled(fast) -> bool:
+    from foresight_compile.program import programs_of
+    return bool(programs_of(fast))
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch._dynamo.reset()
+    yield Models()
+    torch._dynamo.reset()
+
+
+def _report(capsys, label: str, tally: Tally) -> None:
+    with capsys.disabled():
+        print(f"\nproperty suite ({label}): {tally}")
+        for p in tally.problems[:10]:
+            print("  ", p)
+
+
+@pytest.mark.shared_dynamo
+def test_random_call_sequences_never_serve_a_stale_value(models, capsys):
+    tally = run_sequences(models, 300, budget_s=150.0)
+    _report(capsys, "default", tally)
+    assert tally.sequences >= 100 and tally.calls > 0
+    assert tally.crashes == 0 and tally.stale == 0, tally.problems[:5]
+
+
+@pytest.mark.slow
+@pytest.mark.shared_dynamo
+def test_two_thousand_random_call_sequences_never_serve_a_stale_value(models, capsys):
+    tally = run_sequences(models, 2000, first_seed=10_000)
+    _report(capsys, "benchmark", tally)
+    assert tally.sequences == 2000
+    assert tally.crashes == 0 and tally.stale == 0, tally.problems[:5]
