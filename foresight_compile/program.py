@@ -135,8 +135,8 @@ class ForesightProgram:
         for other in live_programs():
             if (other is not self and self.frame_id is not None
                     and other.frame_id == self.frame_id and other.owns_any(ids)):
-                return other.controller.group.join()
-        return FrameGroup().join()
+                return other.controller.group
+        return FrameGroup()
 
     def owns_any(self, param_ids: set[int]) -> bool:
         """True when a parameter this program was compiled with is still alive and in

@@ -45,12 +45,25 @@ def _kept_if_finite(value: torch.Tensor, cache: torch.Tensor, finite: torch.Tens
     return torch.where(finite, value, cache)
 
 
+def _term(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # A slot past the generation's values has weight 0 and may hold anything an earlier
+    # generation left in it (an inf: 0 * inf is nan): it must add exactly 0.
+    return torch.where(weight != 0, value * weight, 0)
+
+
 def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """``sum_j weights[j] * history[j]``, newest first (the newest value's layout)."""
-    out = history[0] * weights[0]
+    """``sum_j weights[j] * history[j]``, newest first (the newest value's layout); a slot
+    of weight 0 adds 0 whatever it holds. Where a weighted older value is not finite (a
+    non-finite compute earlier in the generation), the element is the newest value instead:
+    the controller serves a block only when its newest value is finite, so a forecast is
+    never made non-finite by an older one."""
+    out = _term(history[0], weights[0])
+    usable = None
     for j in range(1, len(history)):
-        out = out + history[j] * weights[j]
-    return out
+        out = out + _term(history[j], weights[j])
+        ok = torch.isfinite(history[j]) | (weights[j] == 0)
+        usable = ok if usable is None else usable & ok
+    return out if usable is None else torch.where(usable, out, history[0])
 
 
 def _history(graph: fx.Graph, n_outputs: int, slots: int) -> list[list[fx.Node]]:

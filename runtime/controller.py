@@ -53,19 +53,16 @@ POOL_SIZE = 4
 
 
 class RequestState:
-    """The branches of one request, and the call-order tracking of its unnamed calls."""
+    """The branches of one request (its call order is tracked by the ``FrameGroup``, which
+    this controller shares with the other compiles of its frame)."""
 
-    __slots__ = ("id", "branches", "by_key", "previous_timestep", "order", "generation",
-                 "epoch", "__weakref__")
+    __slots__ = ("id", "branches", "by_key", "generation", "__weakref__")
 
     def __init__(self, request_id: int) -> None:
         self.id = request_id
         self.branches: list[BranchState] = []
         self.by_key: dict[tuple, BranchState] = {}
-        self.previous_timestep: float | None = None
-        self.order = 0
         self.generation: int | None = None
-        self.epoch = 0  # the controller's reset() count the call-order tracking belongs to
 
 
 class ReuseController:
@@ -90,8 +87,8 @@ class ReuseController:
         self._generation_ids = iter(range(1 << 62))
         self._warned_warmup = False
         self._all_computed = [False] * num_blocks
-        # The other controllers of this frame (Dynamo recompiles): see frames.py.
-        self.group = group
+        # Shared with the other compiles of this frame (Dynamo recompiles): frames.py.
+        self.group = group if group is not None else FrameGroup()
 
     # -- reporting ----------------------------------------------------------------------
     @property
@@ -119,6 +116,7 @@ class ReuseController:
     def reset(self, clear_stats: bool = False) -> None:
         """Make every branch of every request start a new generation at its next call."""
         self._epoch += 1
+        self.group.reset()
         if clear_stats:
             self.history.clear()
             self._computes[:] = 0
@@ -173,25 +171,13 @@ class ReuseController:
             timestep = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
         owner = request if request is not None else threading.current_thread()
         req = self._request_state(request, owner)
-        if self.group is not None and self.group.switched(
-                owner, self, timestep if name is None else ("name", name)):
-            # Another compile of this frame ran this caller's branch since: its inputs
-            # changed in between (frames.py). Start over, as for a signature change.
-            for known in req.branches:
-                known.epoch = -1
-            req.previous_timestep = None
-        if req.epoch != self._epoch:
-            # After reset(): the next call is a first call, whatever the last timestep was.
-            req.epoch = self._epoch
-            req.previous_timestep = None
-        if name is not None:
-            key = ("name", name)
-            req.previous_timestep = None  # named branches: call order means nothing
-        else:
-            req.order = req.order + 1 if timestep == req.previous_timestep else 0
-            req.previous_timestep = timestep
-            key = ("order", req.order)
+        track = self.group.track(owner)
+        key = track.key(timestep, name, self.group.epoch)
         state = req.by_key.get(key)
+        if track.ran_elsewhere(key, self) and state is not None:
+            # Another compile of this frame ran this branch since (other inputs): start
+            # over, as for a signature change (frames.py).
+            state.epoch = -1
         if state is None:
             device = ts.device if isinstance(ts, torch.Tensor) else torch.device("cpu")
             state = req.by_key[key] = self._new_branch(len(req.branches), device)

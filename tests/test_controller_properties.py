@@ -52,6 +52,7 @@ def _recording_backend(options: dict):
         def run(*args):
             state = controller.begin(args)
             _LOCAL.seen = (state.step, list(state.mask))
+            _LOCAL.program = program
             outputs = executor.run(state, args)
             controller.end(state)
             return outputs
@@ -68,7 +69,9 @@ class Models:
         for name, opts in CONFIGS.items():
             model = ExactDiT(dim=8, layers=3).eval()
             options = {**opts, "lowering": "eager", "strict": True}
-            fast = torch.compile(model, backend=_recording_backend(options))
+            # Every dtype and batch-size class is its own Dynamo compile: room for them all.
+            fast = torch.compile(model, backend=_recording_backend(options),
+                                 recompile_limit=64, isolate_recompiles=True)
             self.entries[name] = (model, fast, Options(**options).forecast_order + 1)
 
 
@@ -143,6 +146,7 @@ def _run_script(fast, model, contract: Contract, script, seed: int, tally: Tally
                     x = torch.randn(shape, generator=g).to(dtype)
                     if bad:
                         x[0, 0, 0] = float("inf")
+                    _LOCAL.seen = None
                     try:
                         with (foresight_compile.branch(name) if name else contextlib.nullcontext()):
                             with torch.no_grad():
@@ -151,6 +155,11 @@ def _run_script(fast, model, contract: Contract, script, seed: int, tally: Tally
                         with lock:
                             tally.crashes += 1
                             tally.problems.append(f"seed {seed}: crash {type(e).__name__}: {e}")
+                        return
+                    if _LOCAL.seen is None:  # Dynamo ran the frame without our program
+                        with lock:
+                            tally.crashes += 1
+                            tally.problems.append(f"seed {seed}: call ran without the program")
                         return
                     step, mask = _LOCAL.seen
                     verdict = contract.call(caller, seg.request, seg.num_steps, name, x, t,
@@ -168,36 +177,30 @@ def run_sequences(models: Models, count: int, budget_s: float | None = None,
                   first_seed: int = 0) -> Tally:
     tally, lock = Tally(), threading.Lock()
     start = time.perf_counter()
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-        for seed in range(first_seed, first_seed + count):
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                break
-            rng = np_rng(seed)
-            name = list(CONFIGS)[seed % len(CONFIGS)]
-            model, fast, slots = models.entries[name]
-            foresight_compile.reset(fast) if _compiled(fast) else None
-            threads = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
-            contract = Contract(model, slots)
-            scripts = [_script(rng, threads == 1, 120 // threads) for _ in range(threads)]
-            if threads == 1:
-                _run_script(fast, model, contract, scripts[0], seed, tally, lock)
-            else:
-                # One contract, each thread its own callers (its thread, its requests).
-                workers = [threading.Thread(target=_run_script,
-                                            args=(fast, model, contract, s, seed * 10 + i,
-                                                  tally, lock))
-                           for i, s in enumerate(scripts)]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
-            tally.sequences += 1
+    for seed in range(first_seed, first_seed + count):
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+        rng = np_rng(seed)
+        name = list(CONFIGS)[seed % len(CONFIGS)]
+        model, fast, slots = models.entries[name]
+        foresight_compile.reset(fast)
+        threads = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
+        contract = Contract(model, slots)
+        scripts = [_script(rng, threads == 1, 120 // threads) for _ in range(threads)]
+        if threads == 1:
+            _run_script(fast, model, contract, scripts[0], seed, tally, lock)
+        else:
+            # One contract, each thread its own callers (its thread, its requests).
+            workers = [threading.Thread(target=_run_script,
+                                        args=(fast, model, contract, s, seed * 10 + i,
+                                              tally, lock))
+                       for i, s in enumerate(scripts)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        tally.sequences += 1
     return tally
-
-
-def _compiled(fast) -> bool:
-    from foresight_compile.program import programs_of
-    return bool(programs_of(fast))
 
 
 @pytest.fixture(scope="module")
