@@ -153,6 +153,9 @@ class ReuseController:
                     del self._pool[i]
                     state.branch = index
                     state.epoch = -1  # forces a new generation at its first call
+                    # Nothing of the request it served carries over (its length included).
+                    state.previous_length = None
+                    state.step = 0
                     return state
         return BranchState(index, self.num_blocks, device, self.lookahead, self.order)
 
@@ -241,8 +244,10 @@ class ReuseController:
         ps.derive()
         if state.step == 0:
             # A block's first compute of a generation measured against a cache of no use
-            # to it: only finiteness counts (every block computes at step 0).
+            # to it: only finiteness counts (every block computes at step 0). The same for
+            # the forecast error: a kept buffer holds another generation's values.
             ps.mse.zero_()
+            ps.ferr.zero_()
         mask = state.mask
         state.clock.record(state.step, mask)
         policy.observe(state.step, state.warmup, ps, state.clock)

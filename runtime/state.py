@@ -101,6 +101,8 @@ class BranchState:
             self.previous_length = self.step
         if signature != self.signature:
             self.buffers.invalidate()
+        elif self.buffers.probe is not None:
+            self.buffers.probe.zero_()  # the latent of another generation: as if fresh
         self.signature = signature
         self.policy_state.reset()
         self.clock.reset()
