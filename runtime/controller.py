@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from foresight_compile.errors import ForesightValueError
 from foresight_compile.runtime.context import Request, current_context, next_request_id
 from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.history import HISTORY_ROWS, HistoryRows, StepHistory
@@ -171,6 +172,10 @@ class ReuseController:
         # CFG branches apart without a name: read it (a device sync on GPU) only then.
         timestep = None
         if request is None or name is None:
+            if isinstance(ts, torch.Tensor) and ts.numel() == 0:
+                raise ForesightValueError(
+                    f"the timestep input is empty (shape {tuple(ts.shape)}): pass the step's "
+                    "timestep as a (batch,) tensor, e.g. t.expand(latents.shape[0])")
             timestep = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
         owner = request if request is not None else threading.current_thread()
         req = self._request_state(request, owner)
