@@ -233,6 +233,7 @@ def _live_tensors() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
+@pytest.mark.slow  # a hundred 30-step generations: the benchmark job of .ci/run
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc (Linux)")
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects() touches deprecated names
 def test_memory_is_flat_over_a_hundred_generations():
