@@ -52,6 +52,7 @@ def _graph_with_collectives() -> torch.fx.GraphModule:
     return torch.fx.GraphModule(torch.nn.Module(), graph)
 
 
+@needs_gloo  # the _c10d_functional ops exist in builds with torch.distributed
 def test_group_names_are_read_from_the_collectives_in_order_of_first_use():
     gm = _graph_with_collectives()
     assert group_names(gm.graph.nodes) == ("7", "3")
@@ -60,6 +61,7 @@ def test_group_names_are_read_from_the_collectives_in_order_of_first_use():
     assert [p.name for p in graph.graph.find_nodes(op="placeholder")] == ["raw", "sums", "probe"]
 
 
+@needs_gloo
 def test_a_graph_with_collectives_and_no_stack_points_to_prepare_parallel():
     from foresight_compile.backend import foresight_backend
     from foresight_compile.errors import BlockDiscoveryError
