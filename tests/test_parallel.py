@@ -6,7 +6,8 @@ every rank must decide the same mask (a block computed on one rank and served on
 would leave the first waiting in the block's all-to-all): the metric rows are summed over
 the group the blocks communicate over, once per step, before the policy reads them.
 
-The 2-process cases take minutes (spawn, imports, tracing on two processes sharing the
+A 4-rank case (2 data-parallel replicas x Ulysses 2) checks that a replica sums over its
+own pair only. The multi-process cases take minutes (spawn, imports, tracing on two processes sharing the
 machine) and are marked ``slow``; run them with ``pytest -m slow tests/test_parallel.py``.
 Each has a hard deadline and a process-group timeout, so a rank waiting in a collective
 fails the test instead of hanging it.
@@ -259,3 +260,44 @@ def test_ranks_with_different_shards_still_decide_alike(policy):
         apart += bool((thr > 0).all() and not torch.equal(local0, local1))
     if policy:
         assert apart > 0, "the ranks' local metrics never disagreed: the test shows nothing"
+
+
+def _data_and_context_parallel(rank: int, world: int, steps: int):
+    """4 ranks: 2 data-parallel replicas (their own latents and thresholds) of a model
+    parallelized over 2 ranks (Ulysses) each."""
+    import families
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "ring", "ulysses"))
+    replica = rank // 2
+    fam = families.get("wan", layers=LAYERS["wan"])
+    make_inputs = fam.make_inputs
+    fam.make_inputs = lambda x, t: make_inputs(x * (1 + rank), t)
+    fam.model.set_attention_backend("native")
+    fam.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, mesh=mesh))
+    foresight_compile.prepare_parallel(fam.model)
+    fast = torch.compile(fam.model, backend="foresight", options={
+        "num_steps": steps, "lowering": "eager", "strict": True, "policy": "foresight",
+        "warmup": 4, "threshold": (2.0, 0.5)[replica]})
+    models.denoise(fast, fam, 1, seed=rank)
+    (program,) = programs_of(fam.model)
+    program.controller.reset(clear_stats=True)
+    rows = _recording_rows(program)
+    models.denoise(fast, fam, steps, seed=rank)
+    groups = group_names(n for block in program.stack.blocks for n in block.nodes)
+    return program.controller.rows().mask, rows, groups
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_data_parallel_replicas_are_not_coupled():
+    ranks = spawn_ranks(_data_and_context_parallel, 4, 12, timeout_s=900, pg_timeout_s=120)
+    (mask0, rows0, group0), (mask1, rows1, group1), (mask2, _, group2), _ = ranks
+    assert group0 == group1 != group2  # each replica sums over its own Ulysses pair
+    assert mask0 == mask1 and ranks[2][0] == ranks[3][0]
+    assert mask0 != mask2  # the replicas decided on their own (thresholds 2.0 and 0.5)
+    for (raw0, sums0, _), (raw1, _, _) in zip(rows0, rows1):
+        total = raw0 + raw1  # the pair's rows only: nothing of ranks 2 and 3
+        total[:, BAD].clamp_(max=1.0)
+        assert torch.allclose(sums0, total, rtol=1e-6, atol=0)
