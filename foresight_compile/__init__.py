@@ -5,7 +5,8 @@
 The backend is registered through the ``torch_dynamo_backends`` entry point, so the line
 above needs no import. This module adds the run-time API: ``stats(model)`` and
 ``reset(model)``, the call contexts ``generation()`` and ``branch()``, the diffusers
-integration ``optimize(pipe)``, and the production exports: ``export_onnx`` (one ONNX ``If``
+integration ``optimize(pipe)``, ``prepare_parallel(model)`` for diffusers' context
+parallelism (``enable_parallelism``), and the production exports: ``export_onnx`` (one ONNX ``If``
 per block) and ``export_tensorrt`` (a TensorRT engine from that ONNX model).
 """
 from foresight_compile.api import Stats, branch, generation, reset, stats
@@ -14,11 +15,12 @@ from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
 from foresight_compile.export import export_onnx, export_tensorrt
 from foresight_compile.options import Options
+from foresight_compile.parallel import prepare_parallel
 from foresight_compile.pipelines import calibrated_profile, optimize, restore
 from foresight_compile.profiling import BlockProfile, profile_blocks
 from foresight_compile.version import __version__
 
-__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore",
+__all__ = ["stats", "reset", "generation", "branch", "optimize", "restore", "prepare_parallel",
            "calibrated_profile", "profile_blocks", "BlockProfile", "Stats", "Options",
            "foresight_backend", "ForesightError", "ForesightValueError", "BlockDiscoveryError",
            "NotCompiledError", "ForesightFallbackWarning", "export_onnx", "export_tensorrt",
