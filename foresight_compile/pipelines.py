@@ -47,7 +47,7 @@ class _Optimized:
     profile: Any = None  # policy "profiling": the BlockProfile calibrated on the first call
 
 
-def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
+def optimize(pipe: Any, policy: str = "budget", **options: Any) -> Any:
     """Compile ``pipe.transformer`` with ``backend="foresight"`` and wire it to ``pipe``.
 
     ``options`` are the backend's (see ``Options``); they are validated here, so a typo

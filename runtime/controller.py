@@ -264,7 +264,7 @@ class ReuseController:
             ps.mse.zero_()
         mask = state.mask
         state.clock.record(state.step, mask)
-        policy.observe(state.step, state.warmup, ps, state.clock)
+        policy.observe(state.step, state.warmup, ps, state.clock, state.total_steps)
         self._computes += np.logical_not(mask)
         metric = policy.needs_metric
         self.history.record(state.request, state.generation, state.branch, state.step, mask,

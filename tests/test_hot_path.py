@@ -29,7 +29,7 @@ POLICIES = {
                   "strict": True},
     # The default policy: forecasts (order 1, a history of two values per block) and the
     # latent-change probe.
-    "budget": {"tolerance": 1e6, "strict": True},
+    "budget": {"tolerance": 1e6, "max_run": 4, "strict": True},
 }
 STEPS = 8  # steps 5 and 6 are audited: one serves every block, the other computes every block
 

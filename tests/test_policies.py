@@ -120,3 +120,19 @@ def test_budget_serves_while_the_accumulated_estimate_stays_under_the_tolerance(
     assert _budget_step(policy, state, clock, 5, False, rho_sq=(1e-4, 1.0)) == [False, False]
     # a large measured forecast error at the next compute makes the very next step compute
     assert _budget_step(policy, state, clock, 6, True, ferr_last=50.0, rho_sq=(1e-4, 1.0)) == [False, False]
+
+
+def test_budget_deciding_two_steps_ahead_does_not_compute_twice_in_a_row():
+    """With lookahead 2, the decision for step t + 2 is made before step t + 1 runs; when
+    t + 1 computes, t + 2 starts a fresh run instead of deciding from the old one."""
+    from foresight_compile.runtime.clock import StepClock
+    policy = get_policy("budget")(Options(tolerance=1.0, lookahead=2))
+    state = PolicyState.allocate(2, torch.device("cpu"))
+    clock = StepClock(2, 1, torch.device("cpu"))
+    decisions, computed = {}, []
+    for step in range(12):
+        reuse = not policy.computes_all(step, 3, 30, clock.run) and decisions.get(step, False)
+        computed.append(not reuse)
+        decisions[step + 2] = _budget_step(policy, state, clock, step, not reuse, ferr_last=0.1,
+                                           rho_sq=(1e-4, 1.0))[0]
+    assert computed == [True] * 3 + [False] * 3 + [True] + [False] * 4 + [True]  # runs of <= 4

@@ -123,6 +123,7 @@ class ReusePolicy:
         """True: block's cache holds ``out - in`` and reuse serves ``in + residual``."""
         return self.options.reuse == "residual"
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None,
+                total: int | None = None) -> None:
         """After ``step`` ran (its metrics are derived in ``state``): update device state in
         place. ``clock`` (the branch's ``StepClock``) says which blocks computed and when."""

@@ -51,7 +51,7 @@ RUN_FRACTION = 8
 RHO_SCALE = 50.0
 # aux columns: latent change sums (written by the executor's probe), rate, accumulated
 # estimate, per-parity pending estimates, rho, scratch.
-_DIFF, _NORM, _RATE, _ACC, _EST, _RHO, _TMP = 0, 1, 2, 3, 4, 6, 7
+_DIFF, _NORM, _RATE, _ACC, _EST, _RHO, _TMP, _FULL, _NEAR = 0, 1, 2, 3, 4, 6, 7, 8, 9
 
 
 @register_policy("budget")
@@ -83,7 +83,8 @@ class BudgetReuse(ReusePolicy):
             return self.options.max_run
         return 8 if total is None else max(2, round(total / RUN_FRACTION))
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None,
+                total: int | None = None) -> None:
         aux = state.aux
         last = clock.num_blocks - 1
         if clock.all_computed_at == step:
@@ -99,10 +100,33 @@ class BudgetReuse(ReusePolicy):
         gap = target - clock.steps[last, 0]
         est = aux[_EST + target % 2]
         torch.mul(aux[_RATE], aux[_RHO], out=est)
-        est.mul_(RHO_SCALE * gap ** self.power)
-        torch.add(aux[_ACC], est, out=aux[_TMP])
+        if self.lookahead == 1:
+            est.mul_(RHO_SCALE * gap ** self.power)
+            torch.add(aux[_ACC], est, out=aux[_TMP])
+        else:
+            self._two_ahead(step, warmup, total, state, clock, gap)
         # NaN (no latent change measured yet) compares False: compute.
         torch.le(aux[_TMP], self.options.tolerance, out=state.flags[0])
+
+    def _two_ahead(self, step: int, warmup, total, state: PolicyState, clock, gap: float) -> None:
+        """Decide step t + 2 at the end of step t, before step t + 1 ran: step t + 1 computes
+        when the host forces it or when the decision made at the end of step t - 1 (still
+        in ``flags[0]``) said so; then t + 2 starts a new run (gap 1, nothing accumulated),
+        else it continues the run through t + 1."""
+        aux, flags = state.aux, state.flags
+        est = aux[_EST + (step + 2) % 2]  # holds rate * rho
+        if self.computes_all(step + 1, warmup, total, clock.run):
+            flags[1].fill_(False)
+        else:
+            flags[1].copy_(flags[0])  # step t + 1 is served
+        # served through t + 1: A + est(t + 1) + est at the full gap; else est at gap 1
+        full, near, continued = aux[_FULL], aux[_NEAR], aux[_TMP]
+        torch.mul(est, RHO_SCALE * gap ** self.power, out=full)
+        torch.mul(est, RHO_SCALE, out=near)
+        torch.add(aux[_ACC], aux[_EST + (step + 1) % 2], out=continued)
+        continued.add_(full)
+        torch.where(flags[1], continued, near, out=continued)
+        torch.where(flags[1], full, near, out=est)
 
     def decide(self, state: PolicyState, out: torch.Tensor) -> None:
         out.copy_(state.flags[0].expand(out.shape[0]))
