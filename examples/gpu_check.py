@@ -12,6 +12,12 @@ then times them (median of --repeats generations, interleaved) against the uncac
 
     python examples/gpu_check.py                       # Wan, 4 blocks, 20 steps
     python examples/gpu_check.py --model cogvideox --trt-precision fp16 --trt-tolerance 5e-2
+    python examples/gpu_check.py --matrix              # TensorRT on every exportable family
+
+``--matrix`` runs the export matrix of ``tests/test_export_matrix.py`` through TensorRT: for
+each family of ``foresight_compile.models.families``, export (default policy), build, run
+``TrtEngine`` with reuse off (equal to the torch output) and with the default policy (the
+torch path's decisions), and prints one line per family.
 
 Exit status: 0 every check ran and passed; 1 a check failed; 2 a check could not run here
 (no CUDA, or no TensorRT without --skip-tensorrt), with a message saying what is missing.
@@ -63,6 +69,75 @@ class Result:
     seconds: list = dataclasses.field(default_factory=list)
 
 
+def policy_options(args) -> dict:
+    if args.policy == "foresight":  # large lambda: random weights really reuse blocks
+        return {"policy": "foresight", "warmup": 3, "recompute_every": 2,
+                "threshold": args.threshold, "strict": True}
+    return {"policy": args.policy, "tolerance": 1.0, "strict": True}
+
+
+class OnDevice:
+    """A ``families.Family`` whose model and call arguments live on ``device``."""
+
+    def __init__(self, family, device: torch.device) -> None:
+        self.family, self.device = family, device
+        self.model = copy.deepcopy(family.model).to(device)
+        self.latent_shape, self.scheduler_config = family.latent_shape, family.scheduler_config
+
+    def inputs(self, latents, timestep) -> dict:
+        kwargs = self.family.inputs(latents.cpu(), timestep.cpu())
+        return torch.utils._pytree.tree_map(
+            lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, kwargs)
+
+    def prediction(self, out):
+        return self.family.prediction(out)
+
+
+def trt_matrix(args, device: torch.device) -> int:
+    """TensorRT over every family: reuse off equals torch, the default policy decides alike."""
+    from foresight_compile.models.families import FAMILIES
+    from foresight_compile.runtime.engines.tensorrt import TrtEngine
+
+    failures = []
+    options = policy_options(args)
+    settings = {k: v for k, v in options.items() if k not in ("policy", "strict")}
+    for name, factory in FAMILIES.items():
+        family = factory()
+        on_device = OnDevice(family, device)
+        capture = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=name == "mochi")
+        try:
+            with tempfile.TemporaryDirectory() as tmp, capture:
+                onnx_path = pathlib.Path(tmp) / f"{name}.onnx"
+                foresight_compile.export_onnx(family.model, family.example, onnx_path,
+                                              policy=options["policy"], **settings)
+                engine_path = foresight_compile.export_tensorrt(
+                    onnx_path, pathlib.Path(tmp) / f"{name}.plan",
+                    precision=None if args.trt_precision == "fp32" else args.trt_precision)
+                line = []
+                for policy in ("none", options["policy"]):
+                    torch._dynamo.reset()
+                    fn = torch.compile(on_device.model, backend="foresight",
+                                       options={**options, "policy": policy})
+                    expected = denoise(fn, on_device, args.steps, device)
+                    engine = TrtEngine(engine_path, policy=policy)
+                    got = denoise(engine, on_device, args.steps, device)
+                    same = engine.stats().mask == foresight_compile.stats(fn).mask
+                    err = rel_err(got, expected)
+                    ok = same and err <= args.trt_tolerance
+                    line.append(f"{policy}: decisions {'same' if same else 'DIFFER'}, rel {err:.1e}")
+                    if not ok:
+                        failures.append(f"{name} ({policy})")
+            print(f"  {name:<18} " + "; ".join(line))
+        except Exception as e:  # one family's failure is reported, the matrix goes on
+            failures.append(f"{name} ({type(e).__name__})")
+            print(f"  {name:<18} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if failures:
+        print(f"gpu_check --matrix: FAILED: {', '.join(failures)}")
+        return 1
+    print("gpu_check --matrix: every family passed")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +151,9 @@ def main() -> int:
     ap.add_argument("--trt-precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     ap.add_argument("--trt-tolerance", type=float, default=1e-2)
     ap.add_argument("--skip-tensorrt", action="store_true")
+    ap.add_argument("--policy", default="budget", help="the reuse policy checked")
+    ap.add_argument("--matrix", action="store_true",
+                    help="TensorRT over every family of foresight_compile.models.families")
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -91,11 +169,15 @@ def main() -> int:
         except ImportError as e:
             trt_missing = str(e)
 
+    if args.matrix:
+        if trt_missing is not None:
+            print(f"gpu_check: --matrix needs TensorRT: {trt_missing}")
+            return CANNOT_RUN
+        return trt_matrix(args, device)
     cpu_dit = models.FACTORIES[args.model](layers=args.layers)
     dit = dataclasses.replace(cpu_dit, model=copy.deepcopy(cpu_dit.model).to(device),
                               text=cpu_dit.text.to(device))
-    options = {"policy": "foresight", "warmup": 3, "recompute_every": 2,
-               "threshold": args.threshold, "strict": True}
+    options = policy_options(args)
     print(f"{args.model}: {args.layers} blocks, {args.steps} steps, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
 

@@ -1,5 +1,9 @@
 """50-step denoising with backend="foresight" vs plain Inductor, on a Wan transformer.
 
+The policies: ``budget`` (the default: every block computes or every block is served a
+forecast, while a measured error budget allows), ``static`` and ``foresight`` (the
+Foresight paper's settings, serving copies), ``none`` (reuse off: the overhead).
+
 --model tiny-video (default): the trained tiny video DiT shipped with the package (8 Wan
 blocks, pixel space, 4 prompted clips), so PSNR/SSIM are those of the generated frames and
 the prompt-following check (colour / direction, tiny_video.evaluate_samples) shows whether
@@ -36,12 +40,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="clips of --model tiny-video")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--policies", default="none,static,foresight",
+    ap.add_argument("--policies", default="none,budget,static,foresight",
                     help="comma-separated policies, with options as in `foresight-compile bench`: "
-                    "none,static,foresight(threshold=16,reuse=residual),profiling")
-    ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--recompute-every", type=int, default=2)
+                    "none,budget(tolerance=0.2),static,foresight(threshold=16,reuse=residual),"
+                    "profiling; budget (the default) takes its own defaults")
+    ap.add_argument("--threshold", type=float, default=0.5, help="foresight's lambda")
+    ap.add_argument("--warmup", type=int, default=8, help="static/foresight/profiling warmup")
+    ap.add_argument("--recompute-every", type=int, default=2, help="static/foresight")
     ap.add_argument("--reuse-maps", metavar="DIR",
                     help="write the reuse map PNG (and JSON) of each policy into DIR")
     ap.add_argument("--warm-inductor-cache", action="store_true",
@@ -67,7 +72,8 @@ def main() -> None:
     defaults = {"warmup": args.warmup, "recompute_every": args.recompute_every,
                 "threshold": args.threshold}
     for spec in parse_methods(args.policies):
-        options = {**{k: v for k, v in defaults.items() if spec.kind != "none"}, **dict(spec.options)}
+        paper = spec.kind in ("static", "foresight", "profiling")  # the papers' knobs
+        options = {**{k: v for k, v in defaults.items() if paper}, **dict(spec.options)}
         if spec.kind == "profiling":
             options.pop("threshold", None)
             options.pop("recompute_every", None)

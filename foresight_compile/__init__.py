@@ -6,7 +6,8 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
 above needs no import. This module adds the run-time API: ``stats(model)``,
 ``reset(model)``, ``explain(model, *inputs)`` (before compiling: what will be cached, what
 breaks the graph), the call contexts ``generation()`` and ``branch()``, the diffusers
-integration ``optimize(pipe)``, and the production exports: ``export_onnx`` (one ONNX ``If``
+integration ``optimize(pipe)``, ``prepare_parallel(model)`` for diffusers' context
+parallelism (``enable_parallelism``), and the production exports: ``export_onnx`` (one ONNX ``If``
 per block) and ``export_tensorrt`` (a TensorRT engine from that ONNX model).
 """
 from foresight_compile.api import Stats, branch, generation, reset, stats
@@ -16,12 +17,13 @@ from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
 from foresight_compile.explain import Explanation, explain
 from foresight_compile.export import export_onnx, export_tensorrt
 from foresight_compile.options import Options
+from foresight_compile.parallel import prepare_parallel
 from foresight_compile.pipelines import calibrated_profile, optimize, restore
 from foresight_compile.profiling import BlockProfile, profile_blocks
 from foresight_compile.version import __version__
 
 __all__ = ["stats", "reset", "explain", "Explanation", "generation", "branch", "optimize",
-           "restore",
+           "restore", "prepare_parallel",
            "calibrated_profile", "profile_blocks", "BlockProfile", "Stats", "Options",
            "foresight_backend", "ForesightError", "ForesightValueError", "BlockDiscoveryError",
            "NotCompiledError", "ForesightFallbackWarning", "export_onnx", "export_tensorrt",

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from foresight_compile.errors import BlockDiscoveryError, ForesightValueError, surfaced
 from foresight_compile.options import Options
+from foresight_compile.passes.collectives import group_names
 from foresight_compile.program import ForesightProgram, record_fallback
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,14 @@ def foresight_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except ForesightValueError as e:  # a bad option, a profile made for another model
         raise surfaced(e) from None
     except BlockDiscoveryError as e:
+        if group_names(gm.graph.nodes):
+            # A graph with collectives but no stack: diffusers' context-parallel hooks broke
+            # the model into one graph per block.
+            e = BlockDiscoveryError(
+                f"{e} (the graph holds collectives: under context parallelism, call "
+                f"foresight_compile.prepare_parallel(model) after enable_parallelism and "
+                f"before the first call; TORCH_LOGS=graph_breaks shows where Dynamo split "
+                f"the model)")
         if opts.strict:
             raise surfaced(e) from None
         reason = f"{e}{graph_break_note(gm)}"

@@ -56,8 +56,9 @@ class Options:
     tolerance: float = 0.4
     """Policy "budget": the accumulated estimated relative error a run of served steps may
     reach; the one quality knob (larger: more reuse, lower fidelity, monotonically)."""
-    max_run: int = 8
-    """Policy "budget": at most this many steps in a row are served."""
+    max_run: int | None = None
+    """Policy "budget": at most this many steps in a row are served. None: an eighth of the
+    generation's steps (6 of 50, 4 of 30; 8 when the step count is unknown)."""
     num_steps: int | None = None
     """Steps per generation, needed only to resolve a fractional `warmup`; when unset, the
     previous generation's length is used."""
@@ -90,7 +91,8 @@ class Options:
                 or not math.isfinite(self.tolerance) or self.tolerance <= 0):
             raise ForesightValueError(
                 f"option 'tolerance' must be a finite number > 0, got {self.tolerance!r}")
-        _positive_int("max_run", self.max_run)
+        if self.max_run is not None:
+            _positive_int("max_run", self.max_run)
         if self.warmup is not None and (
                 isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float))):
             raise ForesightValueError(

@@ -11,6 +11,8 @@ controller to the pipeline so that nothing is guessed:
   runs uncached (its output is exact) while ``profile_blocks`` records the attention
   profile on this model and resolution; later calls run compiled with it
   (``calibrated_profile(pipe)``; save it with ``.save(path)`` for production);
+* a transformer under diffusers' context parallelism (``enable_parallelism``, before or
+  after ``optimize``) is prepared for tracing (``prepare_parallel``) before each call;
 * where the pipeline names its CFG passes with diffusers' ``transformer.cache_context(name)``
   (Wan: "cond"/"uncond"), each name is its own branch; pipelines that batch CFG into one
   call (CogVideoX, Latte) need nothing: one call, one branch.
@@ -30,6 +32,7 @@ import torch
 from foresight_compile.api import branch, generation
 from foresight_compile.errors import ForesightValueError
 from foresight_compile.options import Options
+from foresight_compile.parallel import prepare_parallel
 from foresight_compile.passes.blocks import module_blocks
 from foresight_compile.profiling import BlockProfile, profile_blocks
 
@@ -44,7 +47,7 @@ class _Optimized:
     profile: Any = None  # policy "profiling": the BlockProfile calibrated on the first call
 
 
-def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
+def optimize(pipe: Any, policy: str = "budget", **options: Any) -> Any:
     """Compile ``pipe.transformer`` with ``backend="foresight"`` and wire it to ``pipe``.
 
     ``options`` are the backend's (see ``Options``); they are validated here, so a typo
@@ -62,6 +65,7 @@ def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
     if policy == "profiling" and options.get("profile") is None:
         if not module_blocks(transformer):
             raise ForesightValueError(f"{type(transformer).__name__} has no block stack to profile")
+    prepare_parallel(transformer)
     patched = _wrap_cache_context(transformer)
     cls = type(pipe)
     default_steps = inspect.signature(cls.__call__).parameters.get("num_inference_steps")
@@ -73,6 +77,7 @@ def optimize(pipe: Any, policy: str = "foresight", **options: Any) -> Any:
         timesteps = kwargs.get("timesteps")
         steps = len(timesteps) if timesteps is not None else kwargs.get("num_inference_steps", default_steps)
         state: _Optimized = getattr(self, _STATE)
+        prepare_parallel(transformer)  # a few attribute reads once prepared (per generation)
         with generation(num_steps=steps if isinstance(steps, int) else None):
             if calibrate and state.profile is None:
                 # ProfilingDiT: the first generation runs uncached while the profile is taken

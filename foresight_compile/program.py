@@ -2,7 +2,8 @@
 that lets ``stats(model)`` / ``reset(model)`` find the programs of a model.
 
 Reading top to bottom, a program is the pipeline of DESIGN.md section 2: analyses
-(``find_blocks``, ``find_timestep_input``), the policy and its controller, the partition,
+(``find_blocks``, ``find_timestep_input``), the policy and its controller (with the metric
+reduction over the blocks' process group under sequence parallelism), the partition,
 the lowering (segment plan, graph form or CUDA graphs) and the executor that runs it.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from foresight_compile.lowering.graph_form import lower_graph_form
 from foresight_compile.lowering.plan import build_plan
 from foresight_compile.lowering.segments import SegmentCompiler, is_symbolic, meta_value
 from foresight_compile.options import Options
+from foresight_compile.parallel import metric_reduction
 from foresight_compile.passes.blocks import BlockStack, find_blocks
 from foresight_compile.passes.inputs import find_input, find_latent_input, find_timestep_input
 from foresight_compile.passes.partition import Segmented, partition_blocks
@@ -82,11 +84,6 @@ class ForesightProgram:
             profile.check([b.path for b in self.stack.blocks],
                           tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None)
         self.frame_id = _frame_id()
-        self.controller = ReuseController(len(self.stack), policy, timestep_index,
-                                          signature_indices, lookahead=options.lookahead,
-                                          order=options.forecast_order,
-                                          group=self._frame_group())
-        self._latent_index = find_latent_input(gm, example_inputs)
         # Symbolic sizes (dynamic shapes, an unspecialised float's .item(), a data-dependent
         # op such as nonzero under capture_dynamic_output_shape_ops): compile every segment
         # now, once, in Dynamo's shape environment, instead of per concrete size at its
@@ -95,6 +92,14 @@ class ForesightProgram:
             "inductor" if options.lowering == "cudagraphs" else options.lowering,
             symbolic=options.lowering == "inductor"
             and is_symbolic(meta_value(n) for n in gm.graph.nodes))
+        # Sequence parallelism: the blocks' collectives name the group every rank must agree
+        # over; the metrics are summed over it each step (None on one device).
+        reduce = metric_reduction(self.stack, self.compiler, policy)
+        self.controller = ReuseController(len(self.stack), policy, timestep_index,
+                                          signature_indices, lookahead=options.lookahead,
+                                          order=options.forecast_order,
+                                          group=self._frame_group(), reduce=reduce)
+        self._latent_index = find_latent_input(gm, example_inputs)
         segmented = partition_blocks(gm, self.stack)
         self.executor = self._executor(segmented, example_inputs, capture)
         self.build_seconds = time.perf_counter() - start

@@ -37,8 +37,14 @@ import torch
 import torch.fx as fx
 
 from foresight_compile.errors import BlockDiscoveryError
+from foresight_compile.passes.inputs import is_module_state
 
 _IGNORED_PATH_TOKENS = frozenset({"__dict__", "_modules"})
+# A hook that replaced a module's ``forward`` with a wrapper (diffusers' ``ModelHook``: context
+# parallelism, its caches) makes Dynamo reach the module through the bound method:
+# ``L['function_reference'].forward.__self__.__dict__['_modules']['blocks'].3``. The owner of
+# ``X.forward`` is ``X``, so ``.forward.__self__`` is dropped.
+_BOUND_SELF = re.compile(r"\.forward\.__self__(?=[.\[]|$)")
 _TOKEN = re.compile(r"[A-Za-z_0-9]+")
 # Blocks smaller than this are layers (a Linear, an activation), not transformer blocks.
 MIN_BLOCK_NODES = 8
@@ -66,6 +72,7 @@ def module_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 def module_path(raw: str) -> str:
     """Normalise a Dynamo or export module path to dotted form: ``blocks.3``."""
+    raw = _BOUND_SELF.sub("", raw)
     tokens = _TOKEN.findall(raw)
     if raw.startswith("L[") and len(tokens) >= 2:
         tokens = tokens[2:]  # drop L['self']
@@ -254,10 +261,8 @@ def find_blocks(gm: fx.GraphModule) -> BlockStack:
 
 def _is_module_state(placeholder: fx.Node) -> bool:
     """A lifted parameter or buffer, not a user input (which also carries the module stack
-    of the first module that reads it). Dynamo names module state ``L_self_...``; export
-    names parameters ``p_...`` and buffers ``b_...``."""
-    name = placeholder.name.lower()
-    return name.startswith(("l_self_", "p_", "b_"))
+    of the first module that reads it): see ``passes.inputs.is_module_state``."""
+    return is_module_state(placeholder.name)
 
 
 def _belongs_to(placeholder: fx.Node, path: str) -> bool:

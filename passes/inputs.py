@@ -16,13 +16,23 @@ import torch.fx as fx
 from foresight_compile.errors import BlockDiscoveryError
 
 TIMESTEP_NAMES = ("timestep", "timesteps")
+# Lifted module state under a hooked root (diffusers' ModelHook replaced the root's forward):
+# ``l_function_reference_forward_self_dict_modules_blocks_modules_0_..._parameters_weight_``.
+_HOOKED_STATE = re.compile(r"^l_\w*_self_(\w*_)?(parameters|buffers)_\w")
+
+
+def is_module_state(name: str) -> bool:
+    """A placeholder name of a lifted parameter or buffer: Dynamo's ``L_self_...`` (under a
+    hooked root, ``L_function_reference_..._parameters_...``), export's ``p_...``/``b_...``."""
+    name = name.lower()
+    return name.startswith(("l_self_", "p_", "b_")) or _HOOKED_STATE.match(name) is not None
 
 
 def input_stem(name: str) -> str | None:
     """``L_kwargs_timestep_`` / ``l_timestep_`` -> ``timestep``; None for parameters and
     buffers (``L_self_...``)."""
     name = name.lower()
-    if not name.startswith("l_") or name.startswith("l_self_"):
+    if not name.startswith("l_") or is_module_state(name):
         return None
     return re.sub(r"^l_((kwargs|args)_)?", "", name).rstrip("_")
 

@@ -21,6 +21,13 @@ and every executor and engine runs it the same way (``Executor.evaluate``):
   earlier step (``lookahead`` 1: the previous one; 2: the one before) and its host copy
   queued then; ``begin`` reads it (see ``HostMask`` for when that waits).
 
+* **Ranks.** Under sequence (context) parallelism each rank measures its blocks on its
+  own shard of the tokens. ``reduce`` (built by the program from the group the blocks'
+  own collectives use) sums the step's raw metric rows and the latent probe over that
+  group, once per step, before anything is derived or decided: every rank derives the
+  same global metrics, so every rank decides the same mask (a block computed on one rank
+  and served on another would leave the first waiting in the block's collectives).
+
 Host reads of device data per call: the mask read, and the timestep (one ``.item()``-like
 read) only when the controller needs its value: for calls outside a request, or unnamed
 calls (call order by timestep). Under ``optimize(pipe)`` on a pipeline that names its CFG
@@ -36,7 +43,7 @@ import logging
 import threading
 import warnings
 import weakref
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +52,7 @@ from foresight_compile.errors import ForesightValueError
 from foresight_compile.runtime.context import Request, current_context, next_request_id
 from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.history import HISTORY_ROWS, HistoryRows, StepHistory
-from foresight_compile.runtime.policies.base import ReusePolicy
+from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 from foresight_compile.runtime.state import BranchState
 
 log = logging.getLogger(__name__)
@@ -70,7 +77,14 @@ class ReuseController:
     def __init__(self, num_blocks: int, policy: ReusePolicy, timestep_index: int,
                  signature_indices: Sequence[int], lookahead: int = 1,
                  history_rows: int = HISTORY_ROWS, order: int = 0,
-                 group: FrameGroup | None = None) -> None:
+                 group: FrameGroup | None = None,
+                 reduce: Callable[[PolicyState], None] | None = None) -> None:
+        """``reduce(policy_state)``: under sequence parallelism, writes into
+        ``policy_state.sums`` the group's totals of the raw rows (every block's: a served
+        block's rows are its last computed step's, the same on every rank, so its total is
+        the same again) and sums ``policy_state.probe`` in place (the probe rewrites it every
+        step); None on one device."""
+        self.reduce = reduce
         self.num_blocks = num_blocks
         self.policy = policy
         self.timestep_index = timestep_index
@@ -246,7 +260,11 @@ class ReuseController:
         """Called after a model evaluation whose computed blocks wrote their metrics."""
         policy = self.policy
         ps = state.policy_state
-        ps.derive()
+        if self.reduce is not None and policy.needs_cache:
+            self.reduce(ps)  # one collective: the group's totals, before anything reads them
+            ps.derive(ps.sums)
+        else:
+            ps.derive()
         if state.step == 0:
             # A block's first compute of a generation measured against a cache of no use
             # to it: only finiteness counts (every block computes at step 0). The same for
@@ -255,7 +273,7 @@ class ReuseController:
             ps.ferr.zero_()
         mask = state.mask
         state.clock.record(state.step, mask)
-        policy.observe(state.step, state.warmup, ps, state.clock)
+        policy.observe(state.step, state.warmup, ps, state.clock, state.total_steps)
         metric = policy.needs_metric
         with self._lock:  # shared by every request: concurrent calls must not lose rows
             self._computes += np.logical_not(mask)

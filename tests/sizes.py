@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from families import Family, _flux_ids, _ts
+from foresight_compile.models.families import Family, _flux_ids, _ts
 
 # Per family: the latent shape at each size.
 SHAPES: dict[str, list[tuple[int, ...]]] = {

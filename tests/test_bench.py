@@ -216,3 +216,10 @@ def test_sweep_peers_expands_each_peer_over_its_own_knobs():
     assert len(taylor) == len(PEER_SWEEPS["taylorseer"]) >= 3
     assert {dict(s.options)["max_order"] for s in taylor} == {1, 2}
     assert len([s for s in specs if s.kind == "magcache"]) >= 3
+
+
+def test_a_peer_point_that_reuses_nothing_is_matched_by_our_exact_point():
+    methods = [_result("none", "ours", 0.97, 147.0), _result("fbc(threshold=0.01)", "peer", 0.8,
+                                                             float("inf"))]
+    (row,) = BenchReport("w", 50, 5, 0, "d", "t", "d", 2, 0.9, methods).verdict()
+    assert row.ours == "none" and row.dominated

@@ -6,6 +6,7 @@ import torch.fx as fx
 from foresight_compile import models
 from foresight_compile.errors import BlockDiscoveryError
 from foresight_compile.passes.blocks import find_blocks, module_path, why_not_cacheable
+from foresight_compile.passes.inputs import find_timestep_input, input_stems
 from foresight_compile.passes.partition import partition_blocks
 from toy import ToyDiT
 
@@ -32,6 +33,31 @@ def test_module_path_normalises_dynamo_and_export_spellings():
     assert module_path("L['self'].__dict__['_modules']['blocks'].3") == "blocks.3"
     assert module_path("L['self'].blocks[3].attn1") == "blocks.3.attn1"
     assert module_path("blocks.3.ffn.net.0") == "blocks.3.ffn.net.0"
+
+
+def test_module_path_sees_through_a_hooked_forward():
+    # diffusers' ModelHook (context parallelism, its caches) replaces a module's forward
+    raw = "L['function_reference'].forward.__self__.__dict__['_modules']['blocks'].3"
+    assert module_path(raw) == "blocks.3"
+    assert module_path(raw + ".attn1.to_out.0") == "blocks.3.attn1.to_out.0"
+
+
+def test_blocks_are_found_under_a_hooked_root_with_their_parameters():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    dit = models.FACTORIES["wan"](layers=3)
+    plain = find_blocks(small_graph("wan")[0])
+    HookRegistry.check_if_exists_or_initialize(dit.model).register_hook(ModelHook(), "noop")
+    torch._dynamo.reset()
+    gm, inputs = dynamo_graph(dit.model, **dit.inputs(torch.randn(dit.latent_shape),
+                                                     torch.tensor([500])))
+    assert any("function_reference" in p.name for p in gm.graph.find_nodes(op="placeholder"))
+    stack = find_blocks(gm)
+    assert [b.path for b in stack.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    for hooked, block in zip(stack.blocks, plain.blocks):  # parameters are not carried values
+        assert (len(hooked.params), len(hooked.carried), len(hooked.side)) == (
+            len(block.params), len(block.carried), len(block.side))
+    assert input_stems(gm)[find_timestep_input(gm, inputs)] == "timestep"
 
 
 def test_wan_blocks_carry_one_tensor_and_share_side_inputs():

@@ -13,7 +13,7 @@ import torch
 
 import foresight_compile
 from conftest import rel_err
-from families import FAMILIES
+from foresight_compile.models.families import FAMILIES
 from foresight_compile.program import programs_of
 from sizes import SHAPES, sized_inputs
 from toy import ToyDiT

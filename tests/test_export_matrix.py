@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 
 import foresight_compile  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from families import FAMILIES  # noqa: E402
+from foresight_compile.models.families import FAMILIES  # noqa: E402
 from foresight_compile import models  # noqa: E402
 from foresight_compile.runtime import OrtEngine  # noqa: E402
 

@@ -83,7 +83,7 @@ def test_manifest_records_io_blocks_policy_opset_and_versions(wan):
     assert data["blocks"] == ["blocks.0", "blocks.1"] and data["if_nodes"] == 2
     assert data["policy"] == {"policy": "foresight", "warmup": 3, "recompute_every": 2,
                               "threshold": 50.0, "decision": "per_layer", "num_steps": None,
-                              "order": None, "tolerance": 0.4, "max_run": 8}
+                              "order": None, "tolerance": 0.4, "max_run": None}
     assert data["history_slots"] == 1 and data["forecast_weights"] is None
     assert data["latent_input"] == "hidden_states"
     assert data["block_stats"]["shape"] == [2, 5]

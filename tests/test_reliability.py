@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import foresight_compile
-from families import FAMILIES
+from foresight_compile.models.families import FAMILIES
 from foresight_compile import ForesightFallbackWarning, ForesightValueError, Options
 from toy import ToyDiT
 

@@ -135,8 +135,11 @@ def test_model_without_blocks_runs_plain_inductor_with_one_warning():
     with torch.no_grad():
         plain = torch.compile(mlp, backend="inductor")(x)
     assert torch.equal(out, plain) and torch.equal(out, out2)
-    with pytest.raises(NotCompiledError):
-        foresight_compile.stats(fast)
+    # A service that logs stats keeps running: the report says why nothing is accelerated.
+    report = foresight_compile.stats(fast)
+    assert not report.accelerated and "no stack of repeated blocks" in report.reason
+    with pytest.raises(NotCompiledError):  # a model never compiled is still an error
+        foresight_compile.stats(torch.nn.Linear(4, 4))
 
 
 def test_strict_mode_raises_the_reason_instead_of_falling_back():

@@ -24,6 +24,7 @@ BUILTIN: dict[str, Callable[[], models.SmallDiT]] = {
     "cogvideox": lambda: models.cogvideox(layers=4),
     "latte": lambda: models.latte(layers=2),
     "tiny-video": lambda: models.tiny_video_workload(prompts=4),
+    "tiny-video-cogvideox": lambda: models.tiny_cogvideox_workload(prompts=4),
 }
 
 

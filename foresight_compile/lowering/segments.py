@@ -145,8 +145,10 @@ class SegmentCompiler:
         self.compile_seconds = 0.0
         self.compiles = 0
 
-    def segment(self, gm: fx.GraphModule) -> "Segment":
-        if not self.symbolic:
+    def segment(self, gm: fx.GraphModule, static: bool = False) -> "Segment":
+        """``static``: the graph's inputs have one fixed size (e.g. metric rows) and no
+        example values; it compiles at its first call, whatever the model's shapes."""
+        if not self.symbolic or static:
             return Segment(self, gm, graph_key(gm) if self.lowering == "inductor" else ())
         args = example_args(gm)
         segment = Segment(self, gm, graph_key(gm), symbolic=True)

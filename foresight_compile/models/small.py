@@ -29,8 +29,15 @@ class SmallDiT:
     # default for video) unless the model was trained with another.
     scheduler_config: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     prompts: list | None = None  # tiny_video: the prompts behind ``text``
+    # Batched classifier-free guidance (CogVideoX pipelines): ``text`` holds the conditional
+    # rows then the unconditional ones, each call runs both halves, the prediction is
+    # ``uncond + guidance * (cond - uncond)``. None: no guidance.
+    guidance: float | None = None
 
     def inputs(self, latents: torch.Tensor, timestep: torch.Tensor) -> dict:
+        if self.guidance is not None:
+            latents = torch.cat([latents, latents])
+            timestep = torch.cat([timestep, timestep])
         return dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=self.text,
                     return_dict=False, **self.extra)
 
@@ -38,6 +45,9 @@ class SmallDiT:
         pred = out[0]
         if self.prediction_channels is not None:
             pred = pred[:, : self.prediction_channels] if self.name != "cogvideox" else pred
+        if self.guidance is not None:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + self.guidance * (cond - uncond)
         return pred
 
 
@@ -90,8 +100,26 @@ def tiny_video_workload(prompts: int = 4, path=None) -> SmallDiT:
                     prompts=chosen)
 
 
+def tiny_cogvideox_workload(prompts: int = 4, path=None, guidance: float | None = None) -> SmallDiT:
+    """The trained tiny CogVideoX (velocity-predicting) on the first ``prompts`` evaluation
+    prompts: the latent is the packed clip (B, 4, 6, 32, 32), frame pairs on channels.
+    ``guidance``: batched CFG at that scale (one call of 2B rows per step)."""
+    from foresight_compile.models import tiny_cogvideox as tc
+    from foresight_compile.models import tiny_video as tv
+    transformer, encoder, scheduler_config = tc.load_tiny_cogvideox(path)
+    chosen = tv.evaluation_prompts(prompts)
+    with torch.no_grad():
+        text = encoder.encode(chosen)
+        if guidance is not None:
+            text = torch.cat([text, encoder(tv.null_tokens(len(chosen)))])
+    shape = tc.pack(torch.zeros(tv.ClipSpec().clip_shape(len(chosen)))).shape
+    return SmallDiT("tiny-video-cogvideox", transformer, tuple(shape), text, {},
+                    scheduler_config=scheduler_config, prompts=chosen, guidance=guidance)
+
+
 FACTORIES: dict[str, Callable[..., SmallDiT]] = {"wan": wan, "cogvideox": cogvideox, "latte": latte,
-                                                 "tiny-video": tiny_video_workload}
+                                                 "tiny-video": tiny_video_workload,
+                                                 "tiny-video-cogvideox": tiny_cogvideox_workload}
 
 
 def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=None) -> torch.Tensor:
@@ -110,6 +138,14 @@ def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=N
             if on_step is not None:
                 on_step(x)
     return x
+
+
+def tiny_cogvideox_dit(path=None):
+    """The trained tiny CogVideoX shipped with the package: ``(transformer, prompt_encoder,
+    scheduler_config)``; see ``foresight_compile.models.tiny_cogvideox`` (``pack``,
+    ``sample``)."""
+    from foresight_compile.models.tiny_cogvideox.model import load_tiny_cogvideox
+    return load_tiny_cogvideox(path)
 
 
 def tiny_video_dit(path=None):

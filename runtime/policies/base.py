@@ -18,6 +18,9 @@ RAW = 5
 # Derived columns, computed by the controller from the raw ones after each step; ``metrics``
 # is the ``(mse, finite)`` view of them.
 _MSE_COLUMN, _FINITE_COLUMN, _FERR_COLUMN = 8, 9, 10
+# Under sequence parallelism: the raw columns summed over the ranks of the group (written by
+# the controller's ``reduce`` each step, read by ``derive`` in place of the local ones).
+_SUMS_COLUMN = 11
 MSE, FINITE = 0, 1  # column indexes of ``PolicyState.metrics``
 
 
@@ -30,13 +33,20 @@ class PolicyState:
     block, ``mse`` (the mean squared change against the cache, float32), ``finite`` (1.0
     when every output element was finite) and ``ferr`` (the relative L2 error of the
     forecast: ``sqrt(FSQ / NSQ)``); ``metrics`` is ``[mse, finite]``. ``thresholds`` and
-    ``aux`` (16 floats) belong to the policy."""
+    ``aux`` (16 floats) belong to the policy; ``probe`` (``aux[0:2]``) is where the
+    executor's latent probe writes its two sums for a policy that ``needs_latent_change``.
+
+    Under sequence parallelism, ``rows`` stay this rank's own sums and ``sums`` (float32
+    [L, 5]) receives the group's totals each step (``ReuseController``'s ``reduce``); the
+    derived columns are then derived from ``sums``."""
 
     storage: torch.Tensor  # float32 [L, ROW_STRIDE]
     thresholds: torch.Tensor  # float32 [L]
     aux: torch.Tensor  # float32 [ROW_STRIDE]: a policy's own device state
     flags: torch.Tensor  # bool [ROW_STRIDE]: a policy's own device flags
     raw: torch.Tensor = dataclasses.field(init=False)  # [L, RAW] (view)
+    sums: torch.Tensor = dataclasses.field(init=False)  # [L, RAW] (view): the group's totals
+    probe: torch.Tensor = dataclasses.field(init=False)  # [2] (view of aux)
     metrics: torch.Tensor = dataclasses.field(init=False)  # [L, 2] (view): mse, finite
     rows: tuple[torch.Tensor, ...] = dataclasses.field(init=False)
     mse: torch.Tensor = dataclasses.field(init=False)
@@ -45,6 +55,8 @@ class PolicyState:
 
     def __post_init__(self) -> None:
         self.raw = self.storage[:, :RAW]
+        self.sums = self.storage[:, _SUMS_COLUMN:_SUMS_COLUMN + RAW]
+        self.probe = self.aux[0:2]
         self.metrics = self.storage[:, _MSE_COLUMN:_FINITE_COLUMN + 1]
         self.rows = tuple(self.storage[l, :RAW] for l in range(self.storage.shape[0]))
         self.mse = self.storage[:, _MSE_COLUMN]
@@ -69,12 +81,14 @@ class PolicyState:
         self.aux.zero_()
         self.flags.zero_()
 
-    def derive(self) -> None:
-        """Derived columns from the raw ones (in place, no allocation)."""
-        torch.div(self.storage[:, SQ], self.storage[:, COUNT], out=self.mse)
-        torch.mul(self.storage[:, BAD], -1.0, out=self.finite)
+    def derive(self, source: torch.Tensor | None = None) -> None:
+        """Derived columns from the raw ones, or from ``source`` ([L, RAW]: ``sums``), in
+        place, no allocation."""
+        raw = self.storage if source is None else source
+        torch.div(raw[:, SQ], raw[:, COUNT], out=self.mse)
+        torch.mul(raw[:, BAD], -1.0, out=self.finite)
         self.finite.add_(1.0)
-        torch.div(self.storage[:, FSQ], self.storage[:, NSQ], out=self.ferr)
+        torch.div(raw[:, FSQ], raw[:, NSQ], out=self.ferr)
         self.ferr.sqrt_()
 
 
@@ -109,6 +123,7 @@ class ReusePolicy:
         """True: block's cache holds ``out - in`` and reuse serves ``in + residual``."""
         return self.options.reuse == "residual"
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None,
+                total: int | None = None) -> None:
         """After ``step`` ran (its metrics are derived in ``state``): update device state in
         place. ``clock`` (the branch's ``StepClock``) says which blocks computed and when."""

@@ -49,6 +49,7 @@ class ForesightReuse(ReusePolicy):
         torch.mv(upper, under, out=count)
         torch.gt(count, 0.5, out=out)
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None) -> None:
+    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None,
+                total: int | None = None) -> None:
         if warmup is not None and step == warmup - 1:
             torch.mul(state.mse, self.options.threshold, out=state.thresholds)

@@ -1,4 +1,5 @@
-"""Small-config factories for the diffusers DiT families (diffusers 0.42.1, torch 2.13 CPU).
+"""Small-config factories for the diffusers DiT families (diffusers 0.42.1, torch 2.13 CPU):
+the matrix the export, dynamic-shape and GPU checks run over.
 
 Every factory ``f(layers=2, seed=0)`` returns a ``Family``: the model (eval, float32, seeded
 random weights), the latent shape, ``inputs(latents, timestep) -> kwargs`` for one forward
@@ -16,7 +17,7 @@ not images: these configs are for tracing, block discovery, export and equivalen
 Configs follow diffusers' own model tests (tests/models/transformers/test_models_*.py),
 with two blocks per stack, two heads and small widths.
 
-    from families import FAMILIES   # tests/ is on sys.path (conftest.py)
+    from foresight_compile.models.families import FAMILIES
     fam = FAMILIES["flux"]()
     out = fam.model(**fam.example)
 """
