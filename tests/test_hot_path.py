@@ -249,6 +249,8 @@ def test_memory_is_flat_over_a_hundred_generations():
     stats = foresight_compile.stats(fast)
     assert sum(stats.block_computes) > 0 and stats.steps == min(3000, 8192)
     (rss10, tensors10), (rss100, tensors100) = seen[10], seen[100]
-    assert tensors100 == tensors10
+    # No growth. (The count may fall: after a long suite in one process, objects of earlier
+    # tests are still being released while this one runs; measured 5981 -> 5816 there.)
+    assert tensors100 <= tensors10, (tensors10, tensors100)
     assert rss100 - rss10 < 16 * 2**20, (rss10, rss100)  # within allocator noise
     torch._dynamo.reset()

@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-
-from foresight_compile.models.tiny_video.data import ClipSpec, Prompt, as_prompts, null_tokens
+from foresight_compile.models.tiny_video.data import ClipSpec, Prompt, null_tokens
 from foresight_compile.models.tiny_video.model import TinyPromptEncoder
-from foresight_compile.models.tiny_video.sampler import initial_noise
+from foresight_compile.models.tiny_video.sampler import start_sampling
 from foresight_compile.models.tiny_cogvideox.model import velocity
 
 
@@ -25,15 +23,7 @@ def sample(transformer: Callable, prompt_encoder: TinyPromptEncoder, scheduler_c
     ``encoder_hidden_states`` (B, 8, 64); with ``guidance_scale != 1`` once per step on a
     batch of 2B (conditional rows first, then unconditional), and
     ``v = v_uncond + g (v_cond - v_uncond)``. ``on_step(i, t, x)`` is called after each step."""
-    prompts = as_prompts(prompts)
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps)
-    x = initial_noise(seeds, spec)
+    prompts, scheduler, x = start_sampling(prompts, seeds, steps, scheduler_config, spec)
     guided = guidance_scale != 1.0
     with torch.no_grad():
         text = prompt_encoder.encode(prompts)

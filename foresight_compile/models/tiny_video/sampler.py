@@ -17,6 +17,21 @@ def initial_noise(seeds: Sequence[int], spec: ClipSpec = ClipSpec()) -> torch.Te
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def start_sampling(prompts: Sequence[Prompt | str], seeds: Sequence[int] | None, steps: int,
+                   scheduler_config: dict, spec: ClipSpec):
+    """What every sampler of these clips starts from: the prompts, a flow-matching Euler
+    scheduler set to ``steps``, and one noise clip per seed (default: the prompt's index)."""
+    prompts = as_prompts(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    return prompts, scheduler, initial_noise(seeds, spec)
+
+
 def sample(transformer: Callable, prompt_encoder: TinyPromptEncoder, scheduler_config: dict,
            prompts: Sequence[Prompt | str], steps: int = 30, seeds: Sequence[int] | None = None,
            guidance_scale: float = 1.0, on_step: Callable | None = None,
@@ -30,15 +45,7 @@ def sample(transformer: Callable, prompt_encoder: TinyPromptEncoder, scheduler_c
     starts from the noise of ``seeds[i]`` (default ``i``), so it does not depend on the rest
     of the batch. ``on_step(i, t, x)`` is called after each step.
     """
-    prompts = as_prompts(prompts)
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps)
-    x = initial_noise(seeds, spec)
+    prompts, scheduler, x = start_sampling(prompts, seeds, steps, scheduler_config, spec)
     with torch.no_grad():
         text = prompt_encoder.encode(prompts)
         null = prompt_encoder(null_tokens(len(prompts)))
