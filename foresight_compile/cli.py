@@ -21,13 +21,19 @@ def _sweep(items: list[str]) -> dict[str, list]:
 
 
 def _bench(args) -> int:
-    from foresight_compile.bench import run_bench
+    from foresight_compile.bench import BenchReport, run_bench
     from foresight_compile.bench.methods import parse_methods, sweep_peers
 
     methods = parse_methods(args.methods, _sweep(args.sweep))
     if args.sweep_peers:
         methods = sweep_peers(methods)
+    if args.ours_from:  # read first: a wrong file fails before the long run
+        with open(args.ours_from) as f:
+            ours = BenchReport.from_dict(json.load(f))
+        ours.require_run_of(args.workload, args.steps)
     report = run_bench(args.workload, methods, steps=args.steps, repeats=args.repeats, seed=args.seed)
+    if args.ours_from:
+        report = report.with_ours_from(ours)
     print(report.table())
     if args.json:
         with open(args.json, "w") as f:
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every peer given without options at each of its own settings "
                    "(TaylorSeer interval x order, MagCache/FBC/cache-dit thresholds) and print "
                    "both Pareto fronts and, per peer point, our fastest point at its PSNR")
+    b.add_argument("--ours-from", metavar="JSON",
+                   help="a `bench --json` report of the same workload and steps: its points of "
+                   "ours join the verdict and the plot (for peers that need their own process: "
+                   "NAME+compile, cache-dit)")
     b.add_argument("--json")
     b.add_argument("--markdown")
     b.add_argument("--plot", help="Pareto plot PNG: speedup vs PSNR")

@@ -223,3 +223,31 @@ def test_a_peer_point_that_reuses_nothing_is_matched_by_our_exact_point():
                                                              float("inf"))]
     (row,) = BenchReport("w", 50, 5, 0, "d", "t", "d", 2, 0.9, methods).verdict()
     assert row.ours == "none" and row.dominated
+
+
+def test_peers_of_their_own_process_are_judged_against_our_points_from_another_run(tmp_path):
+    from foresight_compile.bench import BenchReport
+    from foresight_compile.cli import main
+
+    def report(methods, steps=50):
+        return BenchReport("tiny-video", steps, 3, 0, "d", "t", "d", 1, 0.9, methods)
+
+    ours = report([_result("inductor", "baseline", 1.0, 150.0), _result("a", "ours", 3.0, 40.0),
+                   _result("b", "ours", 2.0, 50.0)])
+    compiled = report([_result("inductor", "baseline", 1.0, 150.0),
+                       _result("p+compile", "peer", 2.5, 45.0), _result("q+compile", "peer", 3.5, 39.0)])
+    assert [r.ours for r in compiled.verdict()] == [None, None]  # alone: nothing to compare with
+    joined = compiled.with_ours_from(ours)
+    rows = {r.peer: r for r in joined.verdict()}
+    assert rows["p+compile"].ours == "b [other run]" and not rows["p+compile"].dominated
+    assert rows["q+compile"].ours == "a [other run]" and rows["q+compile"].ratio == pytest.approx(3.0 / 3.5)
+    assert "b [other run]" in joined.table()
+    with pytest.raises(ValueError, match="steps is 30"):
+        compiled.with_ours_from(report(ours.methods, steps=30))
+    with pytest.raises(ValueError, match="none of our points"):
+        compiled.with_ours_from(compiled)
+    # The CLI reads the file before the long run: a wrong one fails at once (exit 2).
+    path = tmp_path / "ours.json"
+    path.write_text(report(ours.methods, steps=30).to_json())
+    assert main(["bench", "--workload", "tiny-video", "--steps", "50", "--methods", "inductor",
+                 "--ours-from", str(path)]) == 2

@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 SCHEMA_VERSION = 1
+OTHER_RUN = "[other run]"  # marks our points read from another process's report
 EXACT_PSNR = 100.0  # dB: at or above, the output counts as the reference (float rounding)
 
 
@@ -112,6 +113,27 @@ class BenchReport:
 
     def front(self, family: str) -> list[MethodResult]:
         return pareto_front([m for m in self.methods if m.family == family])
+
+    def require_run_of(self, workload: str, steps: int) -> None:
+        """Raises ValueError unless this report ran ``workload`` at ``steps`` steps."""
+        for key, want in (("workload", workload), ("steps", steps)):
+            if getattr(self, key) != want:
+                raise ValueError(f"--ours-from: its {key} is {getattr(self, key)!r}, this run's is "
+                                 f"{want!r}; pass a report of the same workload and steps")
+
+    def with_ours_from(self, other: "BenchReport") -> "BenchReport":
+        """This report with ``other``'s points of ours added (for the verdict and the plot):
+        peers that must run in a process of their own (under ``torch.compile``, cache-dit)
+        are judged against our points measured in another process. Speedups are each run's
+        ratio to its own inductor baseline, so they compare across processes; the workload
+        and the step count must be the same."""
+        other.require_run_of(self.workload, self.steps)
+        names = {m.name for m in self.methods}
+        added = [dataclasses.replace(m, name=f"{m.name} {OTHER_RUN}") for m in other.methods
+                 if m.family == "ours" and m.name not in names]
+        if not added:
+            raise ValueError("--ours-from: the report holds none of our points to compare with")
+        return dataclasses.replace(self, methods=self.methods + added)
 
     def verdict(self) -> list[VerdictRow]:
         """For every measured peer point, our fastest point with at least its PSNR."""
