@@ -251,3 +251,16 @@ def test_peers_of_their_own_process_are_judged_against_our_points_from_another_r
     path.write_text(report(ours.methods, steps=30).to_json())
     assert main(["bench", "--workload", "tiny-video", "--steps", "50", "--methods", "inductor",
                  "--ours-from", str(path)]) == 2
+
+
+def test_cache_dit_adapts_a_subclass_of_a_transformer_it_knows_by_its_base_class():
+    pytest.importorskip("cache_dit")
+    from foresight_compile.bench.methods import _cache_dit_target
+    from foresight_compile import models
+    from foresight_compile.models.tiny_video import TinyVideoTransformer, transformer_config
+
+    wan = models.wan(layers=2).model
+    assert _cache_dit_target(wan) is wan  # known by name: cache-dit resolves it itself
+    tiny = TinyVideoTransformer(**{**transformer_config(), "num_layers": 2})
+    adapter = _cache_dit_target(tiny)  # refused by name; its base, WanTransformer3DModel, is known
+    assert adapter is not tiny and adapter.transformer is tiny and adapter.blocks is tiny.blocks

@@ -224,6 +224,25 @@ def _magcache_ratios(model, steps: int, calibrate: Callable) -> list[float]:
     return [float(v) for v in found[-1].split(",")]
 
 
+def _cache_dit_target(model):
+    """What ``cache_dit.enable_cache`` accepts for ``model``: the model itself when cache-dit
+    knows its class by name, else the block adapter cache-dit registers for the nearest base
+    class it knows (a subclass of a diffusers transformer, such as the trained tiny video
+    DiT, a ``WanTransformer3DModel``, is refused by name otherwise)."""
+    from cache_dit.caching.block_adapters import BlockAdapterRegister, FakeDiffusionPipeline
+
+    def registered(name: str):
+        return next((n for n in BlockAdapterRegister._adapters if name.startswith(n)), None)
+
+    if registered(type(model).__name__):
+        return model
+    for base in type(model).__mro__[1:]:
+        name = registered(base.__name__)
+        if name is not None:
+            return BlockAdapterRegister._adapters[name](FakeDiffusionPipeline(model))
+    return model  # cache-dit names what it cannot handle
+
+
 def _cache_dit(model, options: dict, steps: int, compiled: bool) -> Prepared:
     """cache-dit's DBCache on the bare transformer (its transformer-only flow); option
     ``taylorseer=True`` adds its TaylorSeer calibrator (order 1, as cache-dit recommends)."""
@@ -242,7 +261,8 @@ def _cache_dit(model, options: dict, steps: int, compiled: bool) -> Prepared:
             calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if value else None
         else:
             settings["residual_diff_threshold" if key == "threshold" else key] = value
-    cache_dit.enable_cache(model, cache_config=DBCacheConfig(num_inference_steps=steps, **settings),
+    cache_dit.enable_cache(_cache_dit_target(model),
+                           cache_config=DBCacheConfig(num_inference_steps=steps, **settings),
                            calibrator_config=calibrator)
     fn = torch.compile(model) if compiled else model
     return Prepared(fn, lambda: cache_dit.refresh_context(model, num_inference_steps=steps))
