@@ -1,9 +1,10 @@
-"""Generate clips with the shipped tiny video DiT and check them against their prompts.
+"""Generate clips with a shipped tiny video DiT and check them against their prompts.
 
     python examples/sample_tiny_dit.py                       # 8 prompts -> examples/output/tiny_dit_samples.png
     python examples/sample_tiny_dit.py --prompt "red circle moving right fast" --gif out.gif
     python examples/sample_tiny_dit.py --evaluate 32         # the acceptance figures (32 prompts, 30 steps)
     python examples/sample_tiny_dit.py --backend foresight --options '{"policy": "foresight"}'
+    python examples/sample_tiny_dit.py --model cogvideox --evaluate 32   # the second model
 
 Prompts read "COLOUR SHAPE moving DIRECTION SPEED" (colours: red green blue yellow magenta
 cyan; shapes: circle square triangle; directions: right left up down; speeds: slow fast),
@@ -22,6 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from foresight_compile.models import tiny_cogvideox as tc  # noqa: E402
 from foresight_compile.models import tiny_video as tv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["wan", "cogvideox"], default="wan",
+                    help="the tiny video DiT (Wan, predicts x0) or the tiny CogVideoX (velocity)")
     ap.add_argument("--prompt", action="append", help="repeatable; default: evaluation prompts")
     ap.add_argument("--evaluate", type=int, default=8, metavar="N",
                     help="without --prompt: sample the first N evaluation prompts and check them")
@@ -38,13 +42,16 @@ def main() -> None:
     ap.add_argument("--backend", choices=["eager", "inductor", "foresight"], default="eager")
     ap.add_argument("--options", default="{}", help="JSON options for backend=foresight")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "output/tiny_dit_samples.png")
+    ap.add_argument("--out", type=Path, help="PNG strip (default: examples/output/"
+                    "tiny_dit_samples.png, or tiny_cogvideox_samples.png for --model cogvideox)")
     ap.add_argument("--rows", type=int, default=8, help="clips shown in the PNG strip")
     ap.add_argument("--gif", type=Path, help="also write an animated GIF of the shown clips")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    transformer, encoder, scheduler_config = tv.load_tiny_video_dit()
+    load, sample = ((tv.load_tiny_video_dit, tv.sample) if args.model == "wan"
+                    else (tc.load_tiny_cogvideox, tc.sample))
+    transformer, encoder, scheduler_config = load()
     model = transformer
     if args.backend != "eager":
         options = json.loads(args.options) if args.backend == "foresight" else None
@@ -53,7 +60,7 @@ def main() -> None:
     seeds = [args.seed + i for i in range(len(prompts))]
 
     start = time.perf_counter()
-    frames = tv.sample(model, encoder, scheduler_config, prompts, steps=args.steps, seeds=seeds,
+    frames = sample(model, encoder, scheduler_config, prompts, steps=args.steps, seeds=seeds,
                        guidance_scale=args.guidance)
     print(f"{len(prompts)} clips, {args.steps} steps, backend {args.backend}: "
           f"{time.perf_counter() - start:.1f} s")
@@ -68,6 +75,9 @@ def main() -> None:
         import foresight_compile
         print(foresight_compile.stats(model))
 
+    if args.out is None:
+        args.out = ROOT / "output" / ("tiny_dit_samples.png" if args.model == "wan"
+                                      else "tiny_cogvideox_samples.png")
     shown = slice(0, args.rows)
     tv.save_strip(frames[shown], args.out, [p.text for p in prompts[shown]])
     print(f"frame strip: {args.out}")
