@@ -219,7 +219,7 @@ def _report(capsys, label: str, tally: Tally) -> None:
 
 @pytest.mark.shared_dynamo
 def test_random_call_sequences_never_serve_a_stale_value(models, capsys):
-    tally = run_sequences(models, 300, budget_s=150.0)
+    tally = run_sequences(models, 200, budget_s=100.0)
     _report(capsys, "default", tally)
     assert tally.sequences >= 100 and tally.calls > 0
     assert tally.crashes == 0 and tally.stale == 0, tally.problems[:5]
