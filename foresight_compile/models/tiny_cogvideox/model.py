@@ -35,7 +35,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 
 from foresight_compile.models.tiny_video.data import VOCAB, ClipSpec, null_tokens
-from foresight_compile.models.tiny_video.model import SCHEDULER_CONFIG, TinyPromptEncoder
+from foresight_compile.models.tiny_video.model import SCHEDULER_CONFIG, TinyPromptEncoder, load_saved
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_cogvideox"
 META_FILE = "tiny_cogvideox.json"
@@ -125,15 +125,5 @@ def load_tiny_cogvideox(path: str | Path | None = None, device: str | torch.devi
     eval mode, float32. Raises ``FileNotFoundError`` naming a missing file, ``ValueError`` on a
     vocabulary mismatch."""
     path = Path(path) if path is not None else WEIGHTS_DIR
-    for needed in (META_FILE, "transformer/config.json", "prompt_encoder/config.json"):
-        if not (path / needed).is_file():
-            raise FileNotFoundError(f"{path / needed} is missing: expected the layout written by "
-                                    f"save_tiny_cogvideox (transformer/, prompt_encoder/, {META_FILE})")
-    meta = json.loads((path / META_FILE).read_text())
-    if tuple(meta["vocab"]) != VOCAB:
-        raise ValueError(f"{path / META_FILE} has vocabulary {meta['vocab']}, this code tokenises "
-                         f"with {list(VOCAB)}")
-    transformer = CogVideoXTransformer3DModel.from_pretrained(path / "transformer").to(device).eval()
-    encoder = TinyPromptEncoder.from_pretrained(path / "prompt_encoder").to(device).eval()
-    scheduler = {k: v for k, v in meta["scheduler"].items() if k != "class"}
-    return TinyCogVideoX(transformer, encoder, scheduler)
+    return TinyCogVideoX(*load_saved(path, META_FILE, CogVideoXTransformer3DModel,
+                                     "save_tiny_cogvideox", device))

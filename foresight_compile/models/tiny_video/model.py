@@ -150,15 +150,24 @@ def load_tiny_video_dit(path: str | Path | None = None, device: str | torch.devi
     raises ``FileNotFoundError`` naming the missing file, ``ValueError`` on a vocabulary
     mismatch."""
     path = Path(path) if path is not None else ASSET_DIR
-    for needed in (META_FILE, "transformer/config.json", "prompt_encoder/config.json"):
+    return TinyVideoDiT(*load_saved(path, META_FILE, TinyVideoTransformer, "save_tiny_video_dit",
+                                    device))
+
+
+def load_saved(path: Path, meta_file: str, transformer_cls, saver: str,
+               device: str | torch.device) -> tuple:
+    """(transformer, prompt encoder, scheduler config) from the layout the savers of both tiny
+    models write (``transformer/``, ``prompt_encoder/``, ``meta_file``), eval mode; raises
+    ``FileNotFoundError`` naming a missing file, ``ValueError`` on a vocabulary mismatch."""
+    for needed in (meta_file, "transformer/config.json", "prompt_encoder/config.json"):
         if not (path / needed).is_file():
             raise FileNotFoundError(f"{path / needed} is missing: expected the layout written by "
-                                    f"save_tiny_video_dit (transformer/, prompt_encoder/, {META_FILE})")
-    meta = json.loads((path / META_FILE).read_text())
+                                    f"{saver} (transformer/, prompt_encoder/, {meta_file})")
+    meta = json.loads((path / meta_file).read_text())
     if tuple(meta["vocab"]) != VOCAB:
-        raise ValueError(f"{path / META_FILE} has vocabulary {meta['vocab']}, this code "
+        raise ValueError(f"{path / meta_file} has vocabulary {meta['vocab']}, this code "
                          f"tokenises with {list(VOCAB)}: weights and code are from different versions")
-    transformer = TinyVideoTransformer.from_pretrained(path / "transformer").to(device).eval()
+    transformer = transformer_cls.from_pretrained(path / "transformer").to(device).eval()
     encoder = TinyPromptEncoder.from_pretrained(path / "prompt_encoder").to(device).eval()
     scheduler = {k: v for k, v in meta["scheduler"].items() if k != "class"}
-    return TinyVideoDiT(transformer, encoder, scheduler)
+    return transformer, encoder, scheduler
