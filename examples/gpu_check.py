@@ -8,7 +8,8 @@ with ``torch.compile(backend="foresight", options={"lowering": "inductor"})``:
 * TensorRT: ``export_onnx`` -> ``export_tensorrt`` -> ``TrtEngine``: same decisions,
   final latent within --trt-tolerance (TensorRT may use TF32 for float32 layers);
 
-then times them (median of --repeats generations, interleaved) against the uncached model.
+and checks that each holds the cache bytes ``foresight_compile.plan_cache`` planned on the CPU
+model (``stats().cache_bytes``; the TensorRT engine at fp32); then times them (median of --repeats generations, interleaved) against the uncached model.
 
     python examples/gpu_check.py                       # Wan, 4 blocks, 20 steps
     python examples/gpu_check.py --model cogvideox --trt-precision fp16 --trt-tolerance 5e-2
@@ -65,6 +66,7 @@ class Result:
     final: torch.Tensor
     mask: list
     run: object  # callable running one generation
+    cache_bytes: int = 0  # stats().cache_bytes after the first generation
 
     seconds: list = dataclasses.field(default_factory=list)
 
@@ -188,12 +190,12 @@ def main() -> int:
         start = time.perf_counter()
         final = denoise(fn, dit, args.steps, device)
         print(f"  {name}: first generation (with compile) {time.perf_counter() - start:.1f} s")
-        mask = foresight_compile.stats(fn).mask
+        stats = foresight_compile.stats(fn)
 
         def run():
             foresight_compile.reset(fn)
             return denoise(fn, dit, args.steps, device)
-        return Result(name, final, mask, run)
+        return Result(name, final, stats.mask, run, stats.cache_bytes)
 
     results = [compiled("torch inductor, policy none", policy="none"),
                compiled("torch inductor (reference)"),
@@ -210,8 +212,25 @@ def main() -> int:
         if not ok:
             failures.append(result.name)
 
+    # The bytes the planner promises (shape-only, on the CPU model) are what every lowering and
+    # engine then holds on the device: one branch (one call per step), no pool yet.
+    plan = foresight_compile.plan_cache(
+        cpu_dit.model, **cpu_dit.inputs(torch.randn(cpu_dit.latent_shape), torch.tensor([999.0])),
+        options={k: v for k, v in options.items() if k != "strict"})
+
+    def compare_bytes(result: Result, banks: int = 1) -> None:
+        # an engine keeps two banks of the cache (reads one, writes the other), one probe
+        planned = banks * (plan.bytes_per_branch - plan.probe_bytes) + plan.probe_bytes
+        ok = result.cache_bytes == planned
+        print(f"  {result.name}: cache {result.cache_bytes} bytes, planned {planned} -> "
+              f"{'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(f"{result.name} (cache bytes)")
+
     print("checks against the reference:")
     compare(results[2], args.tolerance)
+    for result in results[1:]:
+        compare_bytes(result)
 
     if trt_missing is None and not args.skip_tensorrt:
         from foresight_compile.runtime.engines.tensorrt import TrtEngine
@@ -231,9 +250,13 @@ def main() -> int:
         def run_trt():
             engine.reset()
             return denoise(engine, dit, args.steps, device)
-        trt_result = Result(f"TensorRT ({args.trt_precision})", final, engine.stats().mask, run_trt)
+        engine_stats = engine.stats()
+        trt_result = Result(f"TensorRT ({args.trt_precision})", final, engine_stats.mask, run_trt,
+                            engine_stats.cache_bytes)
         results.append(trt_result)
         compare(trt_result, args.trt_tolerance)
+        if args.trt_precision == "fp32":  # fp16/bf16 engines hold their caches narrower
+            compare_bytes(trt_result, banks=2)
 
     print(f"timing, median of {args.repeats} interleaved generations:")
     for _ in range(args.repeats):

@@ -15,6 +15,7 @@ from foresight_compile.errors import ForesightValueError
 DECISIONS = ("per_layer", "prefix")
 LOWERINGS = ("inductor", "eager", "cudagraphs")
 FORMS = ("segments", "graph")
+CACHE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
 REUSE = ("output", "residual")
 ORDERS = (0, 1, 2)
 
@@ -71,6 +72,15 @@ class Options:
     branches between them); "graph": one graph with a torch.cond per block."""
     strict: bool = False
     """Raise instead of falling back to plain Inductor when the model cannot be cached."""
+    max_cache_bytes: int | None = None
+    """The most cache memory (bytes) one branch may hold: one CFG pass of one request (a
+    pipeline that calls the model twice per step holds two branches). The program knows the
+    bytes of its plan when it compiles: over the ceiling, compiling raises, naming the bytes
+    needed and the option values that fit (never an out-of-memory mid-generation); input
+    shapes that only appear later are checked before their buffers are allocated."""
+    cache_dtype: str | None = None
+    """Store caches and forecast histories as "bfloat16", "float16" or "float8_e4m3fn"
+    (with a per-tensor scale) instead of the block outputs' dtype; None: the outputs' dtype."""
     lookahead: int = 1
     """Steps between the metrics a reuse decision reads and the step it decides. 1: step
     t+1 is decided from step t's metrics (on a GPU the host waits, at each step's start,
@@ -126,6 +136,14 @@ class Options:
         if self.lookahead == 2 and self.form == "graph":
             raise ForesightValueError("option 'lookahead'=2 works with form='segments', got "
                                       "form='graph'")
+        if self.max_cache_bytes is not None:
+            _positive_int("max_cache_bytes", self.max_cache_bytes)
+        if self.cache_dtype is not None:
+            _choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
+            if self.form == "graph":
+                raise ForesightValueError(
+                    f"option 'cache_dtype'={self.cache_dtype!r} works with form='segments', got "
+                    "form='graph'")
         if not isinstance(self.strict, bool):
             raise ForesightValueError(f"option 'strict' must be True or False, got {self.strict!r}")
         if self.reuse == "residual" and self.form == "graph":

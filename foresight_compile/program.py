@@ -18,13 +18,15 @@ import torch.fx as fx
 
 from foresight_compile.errors import ForesightValueError, surfaced
 from foresight_compile.lowering.graph_form import lower_graph_form
-from foresight_compile.lowering.plan import build_plan
+from foresight_compile.lowering.plan import (build_plan, cached_values, plan_layout,
+                                             planned_bytes)
 from foresight_compile.lowering.segments import SegmentCompiler, is_symbolic, meta_value
-from foresight_compile.options import Options
+from foresight_compile.options import CACHE_DTYPES, ORDERS, Options
 from foresight_compile.parallel import metric_reduction
 from foresight_compile.passes.blocks import BlockStack, find_blocks
 from foresight_compile.passes.inputs import find_input, find_latent_input, find_timestep_input
 from foresight_compile.passes.partition import Segmented, partition_blocks
+from foresight_compile.runtime.cache_history import HistoryLayout
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.executor import Executor, SegmentExecutor
 from foresight_compile.runtime.frames import FrameGroup
@@ -95,12 +97,21 @@ class ForesightProgram:
         # Sequence parallelism: the blocks' collectives name the group every rank must agree
         # over; the metrics are summed over it each step (None on one device).
         reduce = metric_reduction(self.stack, self.compiler, policy)
-        self.controller = ReuseController(len(self.stack), policy, timestep_index,
-                                          signature_indices, lookahead=options.lookahead,
-                                          order=options.forecast_order,
-                                          group=self._frame_group(), reduce=reduce)
         self._latent_index = find_latent_input(gm, example_inputs)
         segmented = partition_blocks(gm, self.stack)
+        # What every branch caches: the region exit alone for a policy that serves whole
+        # steps, every block otherwise; the bytes are known now, before any allocation.
+        self.layout = plan_layout(segmented, policy.step_level, options.forecast_order + 1,
+                                  options.max_cache_bytes, options.cache_dtype)
+        probe = example_inputs[self._latent_index] if policy.needs_latent_change else None
+        self.planned_bytes = planned_bytes(
+            cached_values(segmented, self.layout), self.layout.slots, probe,
+            None if options.cache_dtype is None else getattr(torch, options.cache_dtype))
+        if policy.needs_cache:
+            check_ceiling(options, segmented, self.layout, probe)
+        self.controller = ReuseController(self.layout, policy, timestep_index,
+                                          signature_indices, lookahead=options.lookahead,
+                                          group=self._frame_group(), reduce=reduce)
         self.executor = self._executor(segmented, example_inputs, capture)
         self.build_seconds = time.perf_counter() - start
         _PROGRAMS.append(weakref.ref(self))
@@ -113,11 +124,11 @@ class ForesightProgram:
                 raise surfaced(ForesightValueError(
                     "option 'lowering'='cudagraphs' needs form='segments' (it captures the "
                     "segments of the host-branch form), got form='graph'"))
-            fn, specs = lower_graph_form(segmented, example_inputs, options.lowering)
+            fn, specs = lower_graph_form(segmented, example_inputs, options.lowering, self.layout)
             return GraphFormExecutor(fn, controller, specs)
         policy = controller.policy
-        plan = build_plan(segmented, self.compiler, policy.needs_cache, policy.caches_residual,
-                          keep_finite=options.lookahead == 2, order=options.forecast_order,
+        plan = build_plan(segmented, self.compiler, self.layout if policy.needs_cache else None,
+                          policy.caches_residual, keep_finite=options.lookahead == 2,
                           probe_input=self._latent_index if policy.needs_latent_change else None)
         if options.lowering != "cudagraphs":
             return SegmentExecutor(plan, controller)
@@ -158,6 +169,30 @@ class ForesightProgram:
 
     def __call__(self, *args: Any):
         return self.executor.evaluate(args)
+
+
+def check_ceiling(options: Options, segmented: Segmented, layout: HistoryLayout,
+                  probe: Any) -> None:
+    """Raise ``ForesightValueError`` when one branch's planned cache exceeds the
+    ``max_cache_bytes`` ceiling: the bytes needed, the ceiling, and the option values that
+    fit (at the traced input sizes; nothing is allocated yet)."""
+    limit = options.max_cache_bytes
+    values = cached_values(segmented, layout)
+
+    def size(slots: int, dtype: str | None) -> int | None:
+        return planned_bytes(values, slots, probe, None if dtype is None else getattr(torch, dtype))
+    needed = size(layout.slots, options.cache_dtype)
+    if limit is None or needed is None or needed <= limit:
+        return
+    fits = [f"order={order}, cache_dtype={dtype!r} ({b} bytes)" for order in ORDERS
+            for dtype in (None, *CACHE_DTYPES)
+            if (b := size(order + 1, dtype)) is not None and b <= limit]
+    raise surfaced(ForesightValueError(
+        f"option 'max_cache_bytes'={limit}: policy {options.policy!r} needs {needed} bytes of "
+        f"cache per branch at these input sizes ({len(layout.cached_blocks)} cached block(s) x "
+        f"{layout.slots} slot(s){' + the latent probe' if probe is not None else ''}); "
+        + (f"settings that fit: {'; '.join(fits)}" if fits else
+           "no order or cache_dtype fits: raise the ceiling, or use policy='none'")))
 
 
 def _frame_id() -> int | None:

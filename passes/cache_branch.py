@@ -11,7 +11,8 @@
 
 Signature of the result: ``(*original_inputs, reuse_mask, *caches) -> (*original_outputs,
 stats, *new_caches)`` where ``reuse_mask`` is bool ``[L]``, ``caches`` lists every block's
-outputs in block order, ``stats`` is float32 ``[L, 2]`` (zeros for reused blocks) and
+outputs in block order, ``stats`` is float32 ``[U, 5]`` (one row per ``cond``: the raw
+change sums of ``change_metric``, zeros for reused blocks) and
 ``new_caches`` are the block outputs of this call (what the cache holds afterwards). The
 cache is explicit state: nothing is mutated, so the graph exports (ONNX ``If`` per block).
 
@@ -35,6 +36,7 @@ is built on copies of its submodules).
 from __future__ import annotations
 
 import operator
+from typing import Sequence
 
 import torch
 import torch.fx as fx
@@ -166,10 +168,15 @@ def _aliased_segment_outputs(src: fx.GraphModule, block_names: set[str]) -> set[
     return aliased
 
 
-def insert_cache_branches(segmented: Segmented, in_place: bool = False,
-                          slots: int = 1) -> fx.GraphModule:
+def insert_cache_branches(segmented: Segmented, in_place: bool = False, slots: int = 1,
+                          units: Sequence[int] | None = None) -> fx.GraphModule:
+    """``units[u]``: the block index (in the reuse mask, the caches' names and the rows) of
+    ``segmented``'s block ``u``; default: the identity. A collapsed region
+    (``passes/region.py``) is one unit standing for the exit block: its ``cond`` reads
+    ``reuse_mask[exit]``, and ``stats`` has one row per unit."""
     src = segmented.gm
     blocks = {name: l for l, name in enumerate(segmented.block_submods)}
+    units = tuple(range(len(blocks))) if units is None else tuple(units)
     root = torch.nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -184,9 +191,9 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False,
         if node.target in blocks:
             sub = src.get_submodule(node.target)
             n_outputs[node.target] = len(next(iter(sub.graph.find_nodes(op="output"))).args[0])
-    caches = {name: [graph.placeholder(f"cache_{blocks[name]}_{k}") for k in range(n * slots)]
+    caches = {name: [graph.placeholder(f"cache_{units[blocks[name]]}_{k}") for k in range(n * slots)]
               for name, n in sorted(n_outputs.items(), key=lambda kv: blocks[kv[0]])}
-    rows = [graph.placeholder(f"row_{l}") for l in range(len(blocks))] if in_place else []
+    rows = [graph.placeholder(f"row_{units[u]}") for u in range(len(blocks))] if in_place else []
     stats: list[fx.Node] = [None] * len(blocks)  # type: ignore[list-item]
     new_caches: list[fx.Node] = []
     aliased = _aliased_segment_outputs(src, set(blocks))
@@ -217,11 +224,11 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False,
                 setattr(root, f"reuse_{l}", _branch(n, len(node.args), None))
             compute = graph.get_attr(f"compute_{l}")
             reuse = graph.get_attr(f"reuse_{l}")
-            pred = graph.call_function(operator.getitem, (mask, l))
+            pred = graph.call_function(operator.getitem, (mask, units[l]))
             if in_place:
                 state = (*caches[node.target], rows[l])
             elif slots > 1:
-                weights = graph.call_function(operator.getitem, (forecast_weights, l))
+                weights = graph.call_function(operator.getitem, (forecast_weights, units[l]))
                 state = (*caches[node.target], weights)
             else:
                 state = tuple(caches[node.target])

@@ -3,7 +3,7 @@ the host-branch form, as graphs that the lowering compiles like any segment.
 
 A block's cache holds, per block output, ``slots`` values of the cached quantity (the
 output, or the residual ``out - in``), newest first: 1 for a copy, ``k + 1`` for a forecast
-of order ``k`` (see ``runtime/clock.py``).
+of order ``k`` (the slot contract: ``runtime/cache_history.py``).
 
 ``with_cache_update(block, n, ...)`` returns a graph ``(*block_args, *history, [weights,]
 row) -> outputs`` that computes the block and, in place: measures the new values against
@@ -66,20 +66,95 @@ def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Te
     return out if usable is None else torch.where(usable, out, history[0])
 
 
-def _history(graph: fx.Graph, n_outputs: int, slots: int) -> list[list[fx.Node]]:
-    """Placeholders ``[slot][output]``."""
-    return [_placeholders(graph, f"h{j}_", n_outputs) for j in range(slots)]
+SCALED = ("float8_e4m3fn",)  # storage dtypes kept with a per-tensor scale
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def stored_per_value(storage: str | None) -> int:
+    """Tensors a history slot keeps per cached value: the value, and its scale when the
+    storage dtype is scaled."""
+    return 2 if storage in SCALED else 1
+
+
+def quantize_fp8(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q * scale ~ value``: a per-tensor scale that maps the largest
+    magnitude to float8_e4m3fn's largest finite value (a zero tensor keeps scale 1)."""
+    amax = value.detach().abs().amax().float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (value.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def dequantize(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return stored.to(dtype)
+    return (stored.float() * scale).to(dtype)
+
+
+def _dtype_of(value: torch.Tensor) -> torch.dtype:
+    return value.dtype
+
+
+def _history(graph: fx.Graph, n_outputs: int, slots: int,
+             storage: str | None = None) -> list[list[fx.Node]]:
+    """Placeholders ``[slot][output]`` (then, for a scaled storage, ``[slot][n + output]``:
+    the scales)."""
+    per = n_outputs * stored_per_value(storage)
+    return [_placeholders(graph, f"h{j}_", per) for j in range(slots)]
+
+
+def _loaded(graph: fx.Graph, slot: list[fx.Node], n_outputs: int, storage: str | None,
+            dtypes: Sequence) -> list[fx.Node]:
+    """The values of one history slot in the cached values' dtypes (``dtypes[k]``: a dtype or
+    a node whose dtype to take); the slot's tensors as they are without a storage dtype."""
+    if storage is None:
+        return list(slot[:n_outputs])
+    scales = slot[n_outputs:] if storage in SCALED else [None] * n_outputs
+    out = []
+    for k in range(n_outputs):
+        dtype = dtypes[k]
+        if isinstance(dtype, fx.Node):
+            dtype = graph.call_function(_dtype_of, (dtype,))
+        out.append(graph.call_function(dequantize, (slot[k], scales[k], dtype)))
+    return out
+
+
+def _write(graph: fx.Graph, slot: list[fx.Node], values: Sequence[fx.Node],
+           storage: str | None) -> None:
+    """Write ``values`` into one history slot, in its storage dtype (``copy_`` casts)."""
+    n = len(values)
+    for k, value in enumerate(values):
+        if storage in SCALED:
+            q = graph.call_function(quantize_fp8, (value,))
+            graph.call_method("copy_", (slot[k], graph.call_function(operator.getitem, (q, 0))))
+            graph.call_method("copy_", (slot[n + k], graph.call_function(operator.getitem, (q, 1))))
+        else:
+            graph.call_method("copy_", (slot[k], value))
+
+
+def store_graph(n_outputs: int, slots: int, storage: str | None = None) -> fx.GraphModule:
+    """``(*values, *history) -> ()``: ``values`` written into every history slot (a block's
+    first compute for new input shapes: every slot then holds a value of this generation's
+    first step, the newest of which the weights select)."""
+    graph = fx.Graph()
+    values = _placeholders(graph, "value", n_outputs)
+    for slot in _history(graph, n_outputs, slots, storage):
+        _write(graph, slot, values, storage)
+    graph.output(())
+    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def with_cache_update(block: fx.GraphModule, n_outputs: int,
                       residual_inputs: tuple[int, ...] | None = None,
-                      keep_finite: bool = False, slots: int = 1) -> fx.GraphModule:
+                      keep_finite: bool = False, slots: int = 1,
+                      storage: str | None = None) -> fx.GraphModule:
     """See the module docstring. With ``residual_inputs`` (per output, the argument it is a
-    residual of) the cache holds residuals ``out - in`` and the metric compares those."""
+    residual of) the cache holds residuals ``out - in`` and the metric compares those.
+    ``storage``: the history's dtype name when it is not the values' (``Options.cache_dtype``;
+    the metric and the forecast read it back in the values' dtype)."""
     n_inputs = len(block.graph.find_nodes(op="placeholder"))
     graph = fx.Graph()
     inputs = _placeholders(graph, "arg", n_inputs)
-    history = _history(graph, n_outputs, slots)
+    stored = _history(graph, n_outputs, slots, storage)
     weights = graph.placeholder("weights") if slots > 1 else None
     row = graph.placeholder("row")
     root = torch.nn.Module()
@@ -88,33 +163,36 @@ def with_cache_update(block: fx.GraphModule, n_outputs: int,
     outputs = [graph.call_function(operator.getitem, (result, i)) for i in range(n_outputs)]
     values = outputs if residual_inputs is None else [
         graph.call_function(operator.sub, (o, inputs[i])) for o, i in zip(outputs, residual_inputs)]
+    history = [_loaded(graph, slot, n_outputs, storage, values) for slot in stored]
     newest = history[0]
     forecasts = newest if weights is None else [
         graph.call_function(forecast, (tuple(h[k] for h in history), weights))
         for k in range(n_outputs)]
     stats = graph.call_function(change_stats, (tuple(values), tuple(newest), tuple(forecasts)))
-    oldest = history[-1]
     if keep_finite:
         # Not finite: the newest finite value is written again, so the history holds only
         # finite values (a forecast then extrapolates flat from it).
         ok = graph.call_function(operator.lt, (graph.call_function(operator.getitem, (stats, 2)), 0.5))
         values = [graph.call_function(_kept_if_finite, (v, old, ok)) for v, old in zip(values, newest)]
-    for target, value in zip(oldest, values):
-        graph.call_method("copy_", (target, value))
+    _write(graph, stored[-1], values, storage)  # over the oldest slot
     graph.call_method("copy_", (row, stats))
     graph.output(tuple(outputs))
     return fx.GraphModule(root, graph)
 
 
 def serve_graph(n_inputs: int, n_outputs: int, residual_inputs: tuple[int, ...] | None,
-                copy: Sequence[bool], slots: int = 1) -> fx.GraphModule | None:
+                copy: Sequence[bool], slots: int = 1, storage: str | None = None,
+                dtypes: Sequence[torch.dtype] = ()) -> fx.GraphModule | None:
     """The reuse side (see the module docstring); ``copy[k]``: output k must be a fresh
-    tensor (it escapes to the graph output or is mutated in place downstream)."""
-    if residual_inputs is None and not any(copy) and slots == 1:
+    tensor (it escapes to the graph output or is mutated in place downstream).
+    ``storage``, ``dtypes``: the history's dtype name (None: the values' own) and the
+    cached values' dtypes, which the served values are read back in."""
+    if residual_inputs is None and not any(copy) and slots == 1 and storage is None:
         return None
     graph = fx.Graph()
     inputs = _placeholders(graph, "arg", n_inputs)
-    history = _history(graph, n_outputs, slots)
+    history = [_loaded(graph, slot, n_outputs, storage, dtypes)
+               for slot in _history(graph, n_outputs, slots, storage)]
     if slots > 1:
         weights = graph.placeholder("weights")
         served = [graph.call_function(forecast, (tuple(h[k] for h in history), weights))
@@ -127,7 +205,7 @@ def serve_graph(n_inputs: int, n_outputs: int, residual_inputs: tuple[int, ...] 
         # segment was compiled for the output's.
         served = [graph.call_function(operator.add, (s, inputs[i]))
                   for i, s in zip(residual_inputs, served)]
-    elif slots == 1:
+    elif slots == 1 and storage is None:
         served = [graph.call_method("clone", (s,)) if fresh else s for s, fresh in zip(served, copy)]
     graph.output(tuple(served))
     return fx.GraphModule(torch.nn.Module(), graph)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from foresight_compile.errors import ForesightValueError
+from foresight_compile.runtime.cache_history import HistoryLayout
 from foresight_compile.runtime.context import Request, current_context, next_request_id
 from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.history import HISTORY_ROWS, HistoryRows, StepHistory
@@ -74,23 +75,23 @@ class RequestState:
 
 
 class ReuseController:
-    def __init__(self, num_blocks: int, policy: ReusePolicy, timestep_index: int,
+    def __init__(self, layout: HistoryLayout, policy: ReusePolicy, timestep_index: int,
                  signature_indices: Sequence[int], lookahead: int = 1,
-                 history_rows: int = HISTORY_ROWS, order: int = 0,
-                 group: FrameGroup | None = None,
+                 history_rows: int = HISTORY_ROWS, group: FrameGroup | None = None,
                  reduce: Callable[[PolicyState], None] | None = None) -> None:
-        """``reduce(policy_state)``: under sequence parallelism, writes into
+        """``layout``: what every branch caches (``cache_history.py``).
+        ``reduce(policy_state)``: under sequence parallelism, writes into
         ``policy_state.sums`` the group's totals of the raw rows (every block's: a served
         block's rows are its last computed step's, the same on every rank, so its total is
         the same again) and sums ``policy_state.probe`` in place (the probe rewrites it every
         step); None on one device."""
         self.reduce = reduce
-        self.num_blocks = num_blocks
+        self.layout = layout
+        num_blocks = self.num_blocks = layout.num_blocks
         self.policy = policy
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
         self.lookahead = lookahead
-        self.order = order
         self.history = StepHistory(num_blocks, history_rows)
         self.generations = 0  # generations started, over every request and branch
         self._computes = np.zeros(num_blocks, dtype=np.int64)
@@ -120,10 +121,16 @@ class ReuseController:
     @property
     def cache_bytes(self) -> int:
         """Exact size of the cache buffers held now: every live request's branches and the
-        released states kept for reuse."""
+        released states kept for reuse (``pooled_bytes``)."""
+        return sum(s.history.nbytes for s in self.live_states()) + self.pooled_bytes
+
+    @property
+    def pooled_bytes(self) -> int:
+        """The part of ``cache_bytes`` held by released states kept for reuse (at most
+        ``POOL_SIZE`` states: bounded by the largest branch's bytes times the pool size)."""
         with self._lock:
             pooled = list(self._pool)
-        return sum(s.buffers.nbytes for s in self.live_states() + pooled)
+        return sum(s.history.nbytes for s in pooled)
 
     def rows(self) -> HistoryRows:
         return self.history.rows()
@@ -172,7 +179,7 @@ class ReuseController:
                     state.previous_length = None
                     state.step = 0
                     return state
-        return BranchState(index, self.num_blocks, device, self.lookahead, self.order)
+        return BranchState(index, self.layout, device, self.lookahead)
 
     # -- one evaluation -------------------------------------------------------------------
     def begin(self, args: Sequence) -> BranchState:
@@ -213,16 +220,15 @@ class ReuseController:
             self._start_generation(req, state, signature, context)
         if timestep is not None:
             state.last_timestep = timestep
-        clock = state.clock
-        if self.policy.computes_all(state.step, state.warmup, state.total_steps, clock.run):
+        history = state.history
+        if self.policy.computes_all(state.step, state.warmup, state.total_steps, history.run):
             state.mask = self._all_computed
         elif state.next_mask.ready:
             # Served only with a value of this generation in the cache.
-            held = (clock.valid > 0).tolist()
-            state.mask = [m and h for m, h in zip(state.next_mask.read(), held)]
+            state.mask = [m and h for m, h in zip(state.next_mask.read(), history.held_mask())]
         else:
             state.mask = self._all_computed
-        clock.prepare(state.step)
+        history.prepare(state.step)
         state.timestep_record = ts if timestep is None else timestep
         return state
 
@@ -272,8 +278,8 @@ class ReuseController:
             ps.mse.zero_()
             ps.ferr.zero_()
         mask = state.mask
-        state.clock.record(state.step, mask)
-        policy.observe(state.step, state.warmup, ps, state.clock, state.total_steps)
+        state.history.record(state.step, mask)
+        policy.observe(state.step, state.warmup, ps, state.history, state.total_steps)
         metric = policy.needs_metric
         with self._lock:  # shared by every request: concurrent calls must not lose rows
             self._computes += np.logical_not(mask)

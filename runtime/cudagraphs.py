@@ -11,14 +11,19 @@ the branch's ``CacheBuffers``) and, where serving needs work, its serve graph.
   to copy they are the cache buffers themselves: serving a block replays nothing. Otherwise
   (residual mode, or an output that escapes or is mutated downstream) the serve graph
   writes the served values into the compute graph's static outputs;
-* with forecasts (order k), the history slots rotate (``clock.py``): each block has one
-  compute and one serve graph per rotation (k + 1 of each), all writing the block's outputs
-  into one static buffer, and the forecast weights are read from the branch's clock table;
+* with forecasts (order k), the history slots rotate (``cache_history.py``): each cached
+  block has one compute and one serve graph per rotation (k + 1 of each), all writing the
+  block's outputs into one static buffer, and the forecast weights are read from the
+  branch's weights table;
+* a block that holds no cache (inside a region whose exit alone is cached) has its plain
+  segment's graph, replayed on steps that compute;
 * a policy reading the latent's change has one more graph, replayed first.
 
 Per call: ``controller.begin`` reads the host mask (copied from the device at the end of an
-earlier step), the executor replays what ``step_schedule`` lists, and ``controller.end``
-queues the next mask's copy behind the last replayed graph.
+earlier step), the executor replays what ``step_schedule`` lists (only what the step needs,
+as ``executor.live_steps`` works it out: on a step that serves every block, the prologue,
+the exit's serve and the epilogue), and ``controller.end`` queues the next mask's copy
+behind the last replayed graph.
 
 Capture needs CUDA; ``capture=EagerCapture`` runs the same executor anywhere with plain
 calls standing in for graphs (a replay re-runs and copies into the captured outputs), so
@@ -37,7 +42,7 @@ import torch
 
 from foresight_compile.errors import ForesightError
 from foresight_compile.runtime.controller import ReuseController
-from foresight_compile.runtime.executor import Executor
+from foresight_compile.runtime.executor import MAX_SCHEDULES, Executor, live_steps
 from foresight_compile.runtime.plan import PlanStep, SegmentPlan
 from foresight_compile.runtime.state import BranchState
 
@@ -56,13 +61,12 @@ def cudagraphs_unavailable(example_inputs: Sequence[Any]) -> str | None:
     return None
 
 
-def step_schedule(step_blocks: Sequence[int], mask: Sequence[bool]) -> tuple[tuple[int, bool], ...]:
-    """What one call does, in plan order: ``(plan step, compute)`` for every step.
-
-    ``step_blocks[k]`` is the block of plan step ``k`` (-1 for prologue, glue, epilogue).
-    A non-block step is always replayed; a block step replays its compute graph unless
-    ``mask`` reuses its block, in which case it is served."""
-    return tuple((k, block < 0 or not mask[block]) for k, block in enumerate(step_blocks))
+def step_schedule(plan: SegmentPlan, mask: Sequence[bool]) -> tuple[tuple[int, bool], ...]:
+    """What one call replays, in plan order: ``(plan step, compute)`` for the steps
+    ``live_steps`` says the call needs. A non-block step replays its graph; a block step its
+    compute graph unless ``mask`` serves its block (then its serve graph, if it has one)."""
+    blocks = tuple(s.block for s in plan.steps)
+    return tuple((k, blocks[k] < 0 or not mask[blocks[k]]) for k in live_steps(plan, mask))
 
 
 class CudaCapture:
@@ -142,7 +146,6 @@ class CudaGraphExecutor(Executor):
                  capture: Callable[[torch.device], Any] = CudaCapture) -> None:
         self.controller = controller
         self.capture_factory = capture
-        self.uses_cache = controller.policy.needs_cache
         self.num_args = plan.num_args
         self.param_slots = tuple(i for i, v in enumerate(example_inputs)
                                  if isinstance(v, torch.nn.Parameter))
@@ -154,6 +157,7 @@ class CudaGraphExecutor(Executor):
         self.output_spec = plan.output_spec
         self.num_slots = plan.num_slots
         self.num_blocks = plan.num_blocks
+        self._schedules: dict[tuple, tuple[tuple[int, bool], ...]] = {}
         self.graphs: "weakref.WeakKeyDictionary[BranchState, BranchGraphs]" = \
             weakref.WeakKeyDictionary()
 
@@ -167,7 +171,8 @@ class CudaGraphExecutor(Executor):
                        if i not in params and isinstance(a, torch.Tensor))
         env: list = [None] * self.num_slots
         env[: self.num_args] = static
-        buffers = state.buffers
+        history = state.history
+        buffers = history.buffers
         buffers.invalidate()
         # 1. Warm-up: every segment runs once with real values outside capture, so Inductor
         #    compiles now and the cache buffers get their shapes.
@@ -175,12 +180,12 @@ class CudaGraphExecutor(Executor):
             for step in self.steps:
                 ins = tuple(env[i] for i in step.inputs)
                 outs = step.segment(*ins)
-                if self.uses_cache and step.update is not None:
+                if step.update is not None:
                     values = outs if step.residual is None else tuple(
                         o - ins[p] for o, p in zip(outs, step.residual))
-                    buffers.store(step.block, values * step.slots, like=outs * step.slots)
-                    extra = (state.clock.weights[step.block],) if step.slots > 1 else ()
-                    held = buffers.aged(step.block, 0, step.slots)
+                    step.store(*values, *history.allocate(step.block, outs))
+                    extra = (history.weights[step.block],) if step.slots > 1 else ()
+                    held = history.aged(step.block, 0)
                     step.update(*ins, *held, *extra, state.policy_state.rows[step.block])
                     if step.serve is not None:
                         step.serve(*ins, *held, *extra)
@@ -211,7 +216,7 @@ class CudaGraphExecutor(Executor):
                             tuple(serves), probe, env)
 
     def _capture_step(self, capture, step: PlanStep, ins: tuple, state: BranchState):
-        if not self.uses_cache or step.update is None:
+        if step.update is None:
             replay, outs = capture.capture(lambda: step.segment(*ins))
             return replay, None, outs
         held = state.buffers.held(step.block)
@@ -236,12 +241,12 @@ class CudaGraphExecutor(Executor):
     def _capture_rotations(self, capture, step: PlanStep, ins: tuple, state: BranchState, row):
         """Forecast history: per rotation of the slots, a compute and a serve graph, all
         writing the block's outputs into one static buffer."""
-        buffers, weights = state.buffers, state.clock.weights[step.block]
+        history, weights = state.history, state.history.weights[step.block]
         first = step.segment(*ins)
         outs = tuple(torch.empty_like(o) for o in first)
         computes, serves = [], []
         for rotation in range(step.slots):
-            held = buffers.aged(step.block, rotation, step.slots)
+            held = history.aged(step.block, rotation)
 
             def compute(held=held):
                 torch._foreach_copy_(list(outs), list(step.update(*ins, *held, weights, row)))
@@ -266,6 +271,15 @@ class CudaGraphExecutor(Executor):
         return graphs
 
     # -- one evaluation --------------------------------------------------------------------
+    def _schedule(self, mask) -> tuple[tuple[int, bool], ...]:
+        key = tuple(mask)
+        found = self._schedules.get(key)
+        if found is None:
+            if len(self._schedules) >= MAX_SCHEDULES:
+                self._schedules.clear()
+            found = self._schedules[key] = step_schedule(self.plan, key)
+        return found
+
     def run(self, state: BranchState, args) -> tuple:
         graphs = self._graphs(state, args)
         ptrs = tuple(map(torch.Tensor.data_ptr, self._params(args)))
@@ -281,9 +295,9 @@ class CudaGraphExecutor(Executor):
             static[i].copy_(args[i])
         if graphs.probe is not None:
             graphs.probe()
-        serves, computes, newest = graphs.serves, graphs.computes, state.clock.newest
+        serves, computes, newest = graphs.serves, graphs.computes, state.history.newest
         blocks = self.step_blocks
-        for k, compute in step_schedule(blocks, state.mask):
+        for k, compute in self._schedule(state.mask):
             replay = computes[k] if compute else serves[k]
             if replay is None:
                 continue

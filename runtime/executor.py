@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from foresight_compile.errors import ForesightError
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.plan import SegmentPlan
 from foresight_compile.runtime.policies.base import BAD
@@ -78,7 +79,8 @@ def live_steps(plan: SegmentPlan, mask) -> tuple[int, ...]:
 
     Backwards from the graph outputs: a step runs when a running step (or the output) reads
     one of its outputs; a computed block always runs (it updates its history); a served
-    block reads its inputs only in residual mode."""
+    block reads its inputs only in residual mode. A served block that holds no cache (inside
+    a cached region) must not be needed: the controller serves a region whole."""
     needed = {v for kind, v in plan.output_spec if kind == "slot"}
     live = []
     for k in range(len(plan.steps) - 1, -1, -1):
@@ -87,6 +89,10 @@ def live_steps(plan: SegmentPlan, mask) -> tuple[int, ...]:
         computed = step.block >= 0 and not served
         if not (computed or any(s in needed for s in step.outputs if s >= 0)):
             continue
+        if served and step.update is None:
+            raise ForesightError(
+                f"internal: block {step.block} holds no cache but the mask {list(mask)} serves "
+                f"it while a later step reads its outputs")
         live.append(k)
         if served and step.residual is None:
             continue
@@ -98,7 +104,6 @@ class SegmentExecutor(Executor):
     def __init__(self, plan: SegmentPlan, controller: ReuseController) -> None:
         self.controller = controller
         self.plan = plan
-        self.uses_cache = controller.policy.needs_cache
         self.steps = plan.steps
         # Per step, a C-level gather of its argument slots (hot path).
         self.gathers = tuple(_gather(step.inputs) for step in plan.steps)
@@ -131,10 +136,10 @@ class SegmentExecutor(Executor):
         env: list = [None] * self.num_slots
         env[: self.num_args] = args
         mask = state.mask
-        buffers = state.buffers
+        history = state.history
+        buffers = history.buffers
         rows = state.policy_state.rows
-        clock = state.clock
-        weights, newest = clock.weights, clock.newest
+        weights = history.weights
         probe = self.plan.probe
         if probe is not None:
             latent = args[self.plan.probe_slot]
@@ -144,30 +149,29 @@ class SegmentExecutor(Executor):
             step = steps[k]
             ins = gathers[k](env)
             l = step.block
-            if l < 0 or not self.uses_cache:
+            if step.update is None:
+                # Prologue, glue, epilogue, a block inside a cached region (it holds nothing:
+                # it runs only on steps that compute every block), or no caching policy.
                 outs = step.segment(*ins)
             elif mask[l]:
                 if step.serve is None:
                     outs = buffers.held(l)
                 elif step.slots > 1:
-                    outs = step.serve(*ins, *buffers.aged(l, newest[l], step.slots), weights[l])
+                    outs = step.serve(*ins, *history.aged(l), weights[l])
                 else:
                     outs = step.serve(*ins, *buffers.held(l))
+            elif not buffers.has(l):
+                # The branch's first compute of this block for these input shapes (a
+                # generation's step 0): allocate its buffers from the outputs.
+                outs = step.segment(*ins)
+                values = outs if step.residual is None else tuple(
+                    o - ins[p] for o, p in zip(outs, step.residual))
+                step.store(*values, *history.allocate(l, outs))
+                rows[l][BAD].copy_(1.0 - all_finite(values))
+            elif step.slots > 1:
+                outs = step.update(*ins, *history.aged(l), weights[l], rows[l])
             else:
-                held = buffers.held(l)
-                if held is None:
-                    # The branch's first compute of this block for these input shapes (a
-                    # generation's step 0): allocate its buffers from the outputs.
-                    outs = step.segment(*ins)
-                    values = outs if step.residual is None else tuple(
-                        o - ins[p] for o, p in zip(outs, step.residual))
-                    buffers.store(l, values * step.slots, like=outs * step.slots)
-                    rows[l][BAD].copy_(1.0 - all_finite(values))
-                elif step.slots > 1:
-                    outs = step.update(*ins, *buffers.aged(l, newest[l], step.slots), weights[l],
-                                       rows[l])
-                else:
-                    outs = step.update(*ins, *held, rows[l])
+                outs = step.update(*ins, *buffers.held(l), rows[l])
             for slot, value in zip(step.outputs, outs):
                 if slot >= 0:
                     env[slot] = value

@@ -1,7 +1,8 @@
 """GraphFormExecutor: runs the graph form (one graph, a ``cond`` per block) in torch.
 
 The graph is ``insert_cache_branches(..., in_place=True)`` lowered whole: ``fn(*args,
-reuse_mask, *caches, *rows) -> outputs``. Each call writes the host mask into the branch's
+reuse_mask, *caches, *rows) -> outputs`` (the caches and metric rows of the blocks that
+hold a cache: every block, or the region exit alone). Each call writes the host mask into the branch's
 preallocated mask tensor (through a numpy view on the CPU; a pinned host tensor and a
 non-blocking copy on CUDA) and passes the branch's cache buffers and metric rows; the
 computed blocks' branches write their caches and rows in place. Nothing is copied back and
@@ -19,48 +20,32 @@ import torch
 
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.executor import Executor
+from foresight_compile.runtime.staging import HostToDevice
 from foresight_compile.runtime.state import BranchState
-
-
-class _MaskInput:
-    """One branch's device mask tensor and the host tensor the host mask is written into."""
-
-    def __init__(self, num_blocks: int, device: torch.device) -> None:
-        self.device_mask = torch.zeros(num_blocks, dtype=torch.bool, device=device)
-        cuda = device.type == "cuda"
-        self.host = (torch.zeros(num_blocks, dtype=torch.bool, pin_memory=True) if cuda
-                     else self.device_mask)
-        self.view = self.host.numpy()
-        self.copied = torch.cuda.Event() if cuda else None
-
-    def write(self, mask: list[bool]) -> torch.Tensor:
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous step's copy, long done
-        self.view[:] = mask
-        if self.copied is not None:
-            self.device_mask.copy_(self.host, non_blocking=True)
-            self.copied.record()
-        return self.device_mask
 
 
 class GraphFormExecutor(Executor):
     def __init__(self, graph_fn: Callable, controller: ReuseController,
                  cache_specs: tuple[tuple[tuple[tuple[int, ...], torch.dtype], ...], ...]) -> None:
-        """``cache_specs[l]``: ``(shape, dtype)`` of each of block l's outputs."""
+        """``cache_specs[l]``: ``(shape, dtype)`` of each of block l's cached values (empty:
+        the block holds no cache)."""
         self.fn = graph_fn
         self.controller = controller
         self.cache_specs = cache_specs
-        self._masks: "weakref.WeakKeyDictionary[BranchState, _MaskInput]" = weakref.WeakKeyDictionary()
+        self.cached = tuple(l for l, specs in enumerate(cache_specs) if specs)
+        self._masks: "weakref.WeakKeyDictionary[BranchState, HostToDevice]" = weakref.WeakKeyDictionary()
 
     def run(self, state: BranchState, args) -> tuple:
         buffers = state.buffers
-        if not buffers.has(0):
-            for l, specs in enumerate(self.cache_specs):
-                buffers.allocate_empty(l, specs, state.device)
+        if not buffers.has(self.cached[0]):
+            for l in self.cached:
+                buffers.allocate_empty(l, self.cache_specs[l], state.device)
         mask_input = self._masks.get(state)
         if mask_input is None:
-            mask_input = self._masks[state] = _MaskInput(len(self.cache_specs), state.device)
-        caches = [t for l in range(len(self.cache_specs)) for t in buffers.held(l)]
+            mask_input = self._masks[state] = HostToDevice(
+                torch.zeros(len(self.cache_specs), dtype=torch.bool, device=state.device))
+        rows = state.policy_state.rows
+        caches = [t for l in self.cached for t in buffers.held(l)]
         result = self.fn(*args, mask_input.write(state.mask), *caches,
-                         *state.policy_state.rows)
+                         *(rows[l] for l in self.cached))
         return tuple(result)

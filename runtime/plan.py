@@ -31,6 +31,9 @@ class PlanStep:
     # Values of the cached quantity kept per output: 1 (a copy), k + 1 (forecast order k);
     # update and serve then also take the block's forecast weights.
     slots: int = 1
+    # ``store(*values, *buffers)``: writes a block's first computed values (for new input
+    # shapes) into every history slot, in the storage dtype.
+    store: Callable | None = None
 
     def callables(self) -> tuple[Callable, ...]:
         return tuple(c for c in (self.segment, self.update, self.serve) if c is not None)

@@ -40,6 +40,7 @@ class Stats:
     change: list[list[float] | None] = dataclasses.field(default_factory=list)
     thresholds: list[list[float] | None] = dataclasses.field(default_factory=list)
     request: list[int] = dataclasses.field(default_factory=list)
+    pooled_bytes: int = 0
     accelerated: bool = True
     reason: str | None = None
 
@@ -58,7 +59,8 @@ class Stats:
         return cls(blocks=blocks, mask=mask, branch=branch, generation=generation, step=step,
                    timestep=timestep, cache_bytes=sum(c.cache_bytes for c in controllers),
                    block_computes=computes, compile_seconds=compile_seconds, policy=policy,
-                   change=change, thresholds=thresholds, request=request)
+                   change=change, thresholds=thresholds, request=request,
+                   pooled_bytes=sum(c.pooled_bytes for c in controllers))
 
     @classmethod
     def not_accelerated(cls, reason: str, policy: str, compile_seconds: float = 0.0) -> "Stats":
@@ -103,4 +105,5 @@ class Stats:
             return f"foresight stats: not accelerated ({self.reason})"
         return (f"foresight stats: policy={self.policy} evaluations={self.steps} "
                 f"blocks={len(self.blocks)} reused={self.reused_fraction:.1%} "
-                f"cache={self.cache_bytes / 2**20:.2f} MiB compile={self.compile_seconds:.1f}s")
+                f"cache={self.cache_bytes / 2**20:.2f} MiB (pooled {self.pooled_bytes / 2**20:.2f}) "
+                f"compile={self.compile_seconds:.1f}s")

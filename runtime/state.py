@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from foresight_compile.runtime.buffers import CacheBuffers
-from foresight_compile.runtime.clock import StepClock
+from foresight_compile.runtime.cache_history import CacheHistory, HistoryLayout
 from foresight_compile.runtime.policies.base import PolicyState
 
 
@@ -67,15 +66,16 @@ class HostMask:
 class BranchState:
     """Everything one CFG branch of one request keeps between steps."""
 
-    def __init__(self, branch: int, num_blocks: int, device: torch.device,
-                 lookahead: int = 1, order: int = 0) -> None:
+    def __init__(self, branch: int, layout: HistoryLayout, device: torch.device,
+                 lookahead: int = 1) -> None:
+        num_blocks = layout.num_blocks
         self.branch = branch
         self.num_blocks = num_blocks
         self.device = device
         self.request = 0  # id of the request the state serves
         self.policy_state = PolicyState.allocate(num_blocks, device)
-        self.buffers = CacheBuffers(num_blocks)
-        self.clock = StepClock(num_blocks, order, device)
+        # The cache: which blocks hold what, the slots, the forecast weights.
+        self.history = CacheHistory(layout, device)
         self.next_mask = HostMask(num_blocks, device, lookahead)
         # The device decision the policy writes at the end of each step (no allocation).
         self.decision = torch.zeros(num_blocks, dtype=torch.bool, device=device)
@@ -93,19 +93,20 @@ class BranchState:
         # the input tensor (copied on the device, never read on the host per step).
         self.timestep_record: float | torch.Tensor = math.nan
 
+    @property
+    def buffers(self):
+        """The cache tensors (``history.buffers``)."""
+        return self.history.buffers
+
     def reset(self, signature: tuple | None) -> None:
         """Start a new generation: step 0, policy state cleared, the next step computes
-        every block. Buffers are kept for the same signature (every block overwrites its
-        cache at step 0 before any reuse) and released for another."""
+        every block. Buffers are kept for the same signature (every cached block overwrites
+        its cache at step 0 before any reuse) and released for another."""
         if self.step:
             self.previous_length = self.step
-        if signature != self.signature:
-            self.buffers.invalidate()
-        elif self.buffers.probe is not None:
-            self.buffers.probe.zero_()  # the latent of another generation: as if fresh
+        self.history.start(same_inputs=signature == self.signature)
         self.signature = signature
         self.policy_state.reset()
-        self.clock.reset()
         self.next_mask.clear()
         self.step = 0
         self.last_timestep = math.inf
@@ -114,4 +115,4 @@ class BranchState:
     def __repr__(self) -> str:
         return (f"BranchState(request={self.request}, branch={self.branch}, "
                 f"generation={self.generation}, step={self.step}, warmup={self.warmup}, "
-                f"{self.buffers!r})")
+                f"{self.history!r})")

@@ -14,7 +14,7 @@ Given what the controller actually did (the step index and the reuse mask of the
 then recomputes the output: every computed block from the model's own eager block, every
 served block from *this* branch's values of *this* generation only (the newest value, or
 the Lagrange forecast through the newest ``order + 1`` at their steps, as
-``runtime/clock.py`` documents). A value served from any other generation, branch, request,
+``runtime/cache_history.py`` documents). A value served from any other generation, branch, request,
 shape or dtype cannot reproduce the output: ``ExactDiT``'s blocks are nonlinear and each
 call's input is fresh noise. The policy stays free to choose the mask (its choice is
 checked only against the contract's invariants: step 0 computes every block; a block is

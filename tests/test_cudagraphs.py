@@ -10,6 +10,7 @@ from foresight_compile.options import Options
 from foresight_compile.program import ForesightProgram
 from foresight_compile.runtime.cudagraphs import (CudaGraphExecutor, EagerCapture,
                                                   cudagraphs_unavailable, step_schedule)
+from foresight_compile.runtime.plan import PlanStep, SegmentPlan
 from conftest import rel_err
 from test_blocks import small_graph
 from toy import ToyDiT
@@ -20,13 +21,31 @@ OPTS = {"policy": "foresight", "warmup": 3, "recompute_every": 2, "threshold": 5
 GRAPHED = {**OPTS, "lowering": "cudagraphs"}
 
 
-def test_step_schedule_replays_glue_always_and_blocks_unless_reused():
-    # prologue, block 0, glue, block 1, epilogue
-    blocks = (-1, 0, -1, 1, -1)
-    assert step_schedule(blocks, [False, False]) == tuple((k, True) for k in range(5))
-    assert step_schedule(blocks, [True, False]) == (
+def _plan(cached_blocks=(0, 1)) -> SegmentPlan:
+    """prologue -> block 0 -> glue -> block 1 -> epilogue (which also reads the prologue's
+    output, as an epilogue reads the timestep embedding)."""
+    def step(block, inputs, outputs):
+        cached = block in cached_blocks
+        return PlanStep(block, lambda *a: a, (lambda *a: a) if cached else None, None,
+                        inputs, outputs)
+    steps = (step(-1, (0,), (1,)), step(0, (1,), (2,)), step(-1, (2,), (3,)),
+             step(1, (3,), (4,)), step(-1, (4, 1), (5,)))
+    return SegmentPlan(steps, num_args=1, num_slots=6, output_spec=(("slot", 5),), num_blocks=2)
+
+
+def test_step_schedule_replays_only_what_the_step_needs():
+    plan = _plan()
+    assert step_schedule(plan, [False, False]) == tuple((k, True) for k in range(5))
+    # block 0 served: the glue and block 1 still need its (cached) output
+    assert step_schedule(plan, [True, False]) == (
         (0, True), (1, False), (2, True), (3, True), (4, True))
-    assert [r for _, r in step_schedule(blocks, [True, True])] == [True, False, True, False, True]
+    # every block served: the prologue (the epilogue reads it), block 1's cache, the epilogue
+    assert step_schedule(plan, [True, True]) == ((0, True), (3, False), (4, True))
+    # only the exit holds a cache: a whole step served runs the same, block 0 never
+    assert step_schedule(_plan(cached_blocks=(1,)), [True, True]) == (
+        (0, True), (3, False), (4, True))
+    with pytest.raises(ForesightError, match="block 0 holds no cache"):
+        step_schedule(_plan(cached_blocks=(1,)), [True, False])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
@@ -85,11 +104,12 @@ def test_executor_matches_segment_executor_decisions_and_values(name):
     assert rows.change == foresight_compile.stats(reference).change  # the metrics fed back
     assert torch.equal(got, expected)  # same segments, same order: bit for bit
     executor = program.executor
-    computed = sum(not m for row in masks for m in row)
-    other = sum(b < 0 for b in executor.step_blocks)
     (graphs,) = executor.graphs.values()
-    # Output mode: a served block replays nothing (its cache buffers are its outputs).
-    assert graphs.replayed == 16 * other + computed
+    # Output mode: a served block replays nothing (its cache buffers are its outputs), and
+    # a segment only served blocks would read does not replay either.
+    assert graphs.replayed == sum(compute for mask in masks
+                                  for _, compute in step_schedule(executor.plan, mask))
+    assert graphs.replayed < 16 * len(executor.steps)
 
 
 def test_caches_are_the_compute_graphs_static_outputs_and_never_move():
@@ -144,10 +164,10 @@ def test_no_graph_replays_after_the_next_mask_copy_is_queued():
         elif event[0] == "end":
             current["ended"] = True
     assert len(calls) == 12 and all(c["ended"] for c in calls)
-    blocks = program.executor.step_blocks
+    plan = program.executor.plan
     for call in calls:  # exactly the schedule, in plan order
-        assert call["replays"] == [k for k, r in step_schedule(blocks, call["mask"]) if r]
-    assert any(len(c["replays"]) < len(blocks) for c in calls)  # some steps reused blocks
+        assert call["replays"] == [k for k, r in step_schedule(plan, call["mask"]) if r]
+    assert any(len(c["replays"]) < len(plan.steps) for c in calls)  # some steps reused blocks
 
 
 def test_a_parameter_whose_storage_moved_is_refused_with_both_addresses():

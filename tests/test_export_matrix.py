@@ -1,6 +1,7 @@
-"""Every diffusers family the torch path caches exports, one ``If`` per block, and runs in
-onnxruntime: with reuse off it equals the torch output, with the default policy it makes
-the torch path's decisions.
+"""Every diffusers family the torch path caches exports and runs in onnxruntime: with reuse
+off it equals the torch output, with the default policy it makes the torch path's
+decisions. The default policy serves whole steps, so its export is ONE ``If`` around the
+block region, whose serve branch runs the exit's forecast and nothing of any block.
 
 A few families run in the default suite; the rest are marked slow (the benchmark job of
 ``.ci/run`` runs them). Mochi needs ``torch._dynamo.config.capture_dynamic_output_shape_ops``
@@ -53,11 +54,21 @@ def test_family_exports_and_runs_in_onnxruntime(name, tmp_path):
     with _dynamo(name):
         exported = foresight_compile.export_onnx(family.model, family.example,
                                                  tmp_path / f"{name}.onnx", **POLICY)
-    blocks = len(exported.manifest.blocks)
-    assert blocks >= 2 and exported.manifest.history_slots == 2
+    manifest = exported.manifest
+    blocks, slots = len(manifest.blocks), manifest.history_slots
+    assert blocks >= 2 and slots == 2
     import onnx
     graph = onnx.load(str(exported.onnx_path), load_external_data=False).graph
-    assert sum(n.op_type == "If" for n in graph.node) == blocks
+    (region,) = [n for n in graph.node if n.op_type == "If"]
+    assert manifest.units == (blocks - 1,)  # the If stands for the exit block
+    assert {c.block for c in manifest.caches} == {blocks - 1}  # the exit alone holds a cache
+    serve = onnx.helper.get_attribute_value(
+        next(a for a in region.attribute if a.name == "then_branch"))
+    # One forecast of the exit's values, its history kept, nothing of any block.
+    exit_values = len(manifest.caches) // slots
+    assert len(serve.output) == exit_values * (1 + slots) + 1
+    assert not any(n.op_type in ("MatMul", "Gemm", "Softmax", "LayerNormalization")
+                   for n in serve.node)
 
     expected, _ = _torch_run(family, {"policy": "none"})
     off = OrtEngine(exported.onnx_path, policy="none")

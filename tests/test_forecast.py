@@ -9,7 +9,7 @@ from torch import nn
 import foresight_compile
 from conftest import rel_err
 from foresight_compile import models
-from foresight_compile.runtime.clock import StepClock
+from foresight_compile.runtime.cache_history import CacheHistory, HistoryLayout
 
 
 class PolyBlock(nn.Module):
@@ -83,7 +83,7 @@ def test_an_order_k_forecast_serves_a_degree_k_block_exactly(order, reuse, lower
 
 
 def test_lagrange_weights_use_the_real_distances_and_drop_order_without_history():
-    clock = StepClock(2, order=2, device=torch.device("cpu"))
+    clock = CacheHistory(HistoryLayout.every_block(2, slots=3), torch.device("cpu"))
     clock.record(0, [False, False])
     clock.prepare(5)
     assert clock.weights[0].tolist() == [1.0, 0.0, 0.0]  # one value: a copy
@@ -95,7 +95,7 @@ def test_lagrange_weights_use_the_real_distances_and_drop_order_without_history(
     assert float((clock.weights[0] * values).sum()) == pytest.approx(49.0)
     # block 1: values at steps 3, 0 -> a line
     assert clock.weights[1].tolist() == pytest.approx([7 / 3, -4 / 3, 0.0])
-    clock.reset()
+    clock.start(same_inputs=True)
     clock.prepare(9)
     assert clock.weights[0].tolist() == [0.0, 0.0, 0.0] and not clock.held(0)
 
@@ -236,4 +236,10 @@ def test_the_default_policy_decides_alike_in_the_onnx_engine(tmp_path):
     mask = engine.stats().mask
     assert mask == foresight_compile.stats(fast).mask and any(map(all, mask))
     assert rel_err(got, expected) <= 1e-4
+    # the region exit's history, as the planner says; the engine keeps two banks of it (an
+    # ONNX output cannot alias its input: it reads one bank and writes the other)
+    planned = foresight_compile.plan_cache(dit.model, **example, options={"tolerance": 0.5})
+    assert foresight_compile.stats(fast).cache_bytes == planned.bytes_per_branch
+    bank = planned.bytes_per_branch - planned.probe_bytes
+    assert engine.stats().cache_bytes == 2 * bank + planned.probe_bytes
     torch._dynamo.reset()

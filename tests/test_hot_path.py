@@ -168,7 +168,7 @@ def _violations(audits, state, timestep_reads: int) -> list:
     # The blocks' metric rows (raw columns; the controller derives the others) and the
     # cache buffers are written by compiled code, never by our Python.
     raw = set().union(*(_elements(row) for row in state.policy_state.rows))
-    caches = _storages(t for ts in state.buffers.tensors for t in ts)
+    caches = _storages(t for ts in state.buffers.tensors if ts for t in ts)
     metric_storage = state.policy_state.storage.untyped_storage().data_ptr()
     found = []
     for audit in audits:

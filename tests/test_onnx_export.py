@@ -115,6 +115,8 @@ def test_ort_engine_matches_torch_foresight_path(exported, policy):
     if policy == "foresight":
         assert 0 < stats.reused_fraction < 1
         assert stats.block_computes == torch_stats.block_computes
+        # one value per block both ways; the engine in two banks (reads one, writes the other)
+        assert stats.cache_bytes == 2 * torch_stats.cache_bytes
         # the stats the engine fed back are the torch path's change metrics and thresholds
         torch.testing.assert_close(torch.tensor(stats.change), torch.tensor(torch_stats.change),
                                    rtol=1e-3, atol=1e-6)

@@ -102,10 +102,10 @@ def _budget_step(policy, state, clock, step, computed, ferr_last=0.0, rho_sq=(0.
 
 
 def test_budget_serves_while_the_accumulated_estimate_stays_under_the_tolerance():
-    from foresight_compile.runtime.clock import StepClock
+    from foresight_compile.runtime.cache_history import CacheHistory, HistoryLayout
     policy = get_policy("budget")(Options(tolerance=1.0))
     state = PolicyState.allocate(2, torch.device("cpu"))
-    clock = StepClock(2, 1, torch.device("cpu"))
+    clock = CacheHistory(HistoryLayout.exit_only(2, 1, slots=2), torch.device("cpu"))
     # latent change rho = sqrt(1e-4 / 1) = 0.01, x RHO_SCALE 50 = 0.5
     for step in range(3):
         decision = _budget_step(policy, state, clock, step, True, ferr_last=0.1, rho_sq=(1e-4, 1.0))
@@ -125,10 +125,10 @@ def test_budget_serves_while_the_accumulated_estimate_stays_under_the_tolerance(
 def test_budget_deciding_two_steps_ahead_does_not_compute_twice_in_a_row():
     """With lookahead 2, the decision for step t + 2 is made before step t + 1 runs; when
     t + 1 computes, t + 2 starts a fresh run instead of deciding from the old one."""
-    from foresight_compile.runtime.clock import StepClock
+    from foresight_compile.runtime.cache_history import CacheHistory, HistoryLayout
     policy = get_policy("budget")(Options(tolerance=1.0, lookahead=2))
     state = PolicyState.allocate(2, torch.device("cpu"))
-    clock = StepClock(2, 1, torch.device("cpu"))
+    clock = CacheHistory(HistoryLayout.exit_only(2, 1, slots=2), torch.device("cpu"))
     decisions, computed = {}, []
     for step in range(12):
         reuse = not policy.computes_all(step, 3, 30, clock.run) and decisions.get(step, False)

@@ -6,6 +6,7 @@ import torch
 
 import foresight_compile
 from foresight_compile import ForesightFallbackWarning, NotCompiledError, Options
+from foresight_compile.runtime.cache_history import HistoryLayout
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.policies import get_policy
 from toy import ToyDiT
@@ -60,8 +61,8 @@ def test_non_finite_block_outputs_are_never_served():
 
 def _controller(policy="static", **kw):
     opts = Options(policy=policy, lowering="eager", **kw)
-    return ReuseController(2, get_policy(policy)(opts), timestep_index=1, signature_indices=[0],
-                           order=opts.forecast_order)
+    return ReuseController(HistoryLayout.every_block(2, opts.forecast_order + 1),
+                           get_policy(policy)(opts), timestep_index=1, signature_indices=[0])
 
 
 def _computed(state, block, value, mse=0.0):
@@ -234,8 +235,8 @@ def test_residual_reuse_needs_the_host_branch_form():
 def _masks_with_lookahead(lookahead: int) -> list[list[bool]]:
     opts = Options(policy="foresight", lowering="eager", warmup=2, recompute_every=3,
                    threshold=1.0, lookahead=lookahead)
-    ctrl = ReuseController(2, get_policy("foresight")(opts), timestep_index=1,
-                           signature_indices=[0], lookahead=lookahead)
+    ctrl = ReuseController(HistoryLayout.every_block(2), get_policy("foresight")(opts),
+                           timestep_index=1, signature_indices=[0], lookahead=lookahead)
     x = torch.randn(3, 4)
     # The MSE each block reports when it computes at a step (thresholds: 0.5 after warmup):
     # at step 2 block 1 is over its threshold, afterwards both are under.

@@ -1,4 +1,4 @@
-"""ONNX export of the graph form: one ``If`` per block, the cache as explicit state.
+"""ONNX export of the graph form: one ``If`` per cached unit, the cache as explicit state.
 
     exported = foresight_compile.export_onnx(model, example_inputs, "wan.onnx",
                                              policy="foresight", warmup=8, threshold=0.5)
@@ -6,13 +6,18 @@
 
 ``export_onnx`` traces the model with Dynamo (one graph, static shapes), runs the same
 passes as the backend (``find_blocks`` -> ``partition_blocks`` -> ``insert_cache_branches``)
-and exports the graph form with ``torch.onnx.export(..., dynamo=True)``: every block is one
-ONNX ``If`` (then: serve the cache; else: compute the block, its change metric and its new
-cache). The ONNX model's inputs are the model's tensor inputs, ``reuse_mask`` (bool [L])
+and exports the graph form with ``torch.onnx.export(..., dynamo=True)``. A policy that
+decides per block gets one ONNX ``If`` per block; a policy that serves whole steps (the
+default, ``budget``) gets ONE ``If`` around the whole block region, whose cache is the
+region exit's history alone (``passes/region.py``): a served step runs one forecast and
+copies one history, whatever the depth. Then-branch: serve the cache (or its forecast);
+else-branch: compute, measure the change, write the new cache. The ONNX model's inputs are
+the model's tensor inputs, ``reuse_mask`` (bool [L]: an ``If`` reads its unit's block),
 ``forecast_weights`` (float32 [L, k + 1], forecast order k >= 1 only) and one
-``cache_{l}_{i}`` per cached value (k + 1 per block output, newest first); its outputs are
-the model's outputs, ``block_stats`` (float32 [L, 5]: the raw change sums of
-``passes/change_metric.py``) and one ``new_cache_{l}_{i}`` per cache. With a forecast, the
+``cache_{l}_{i}`` per cached value of a cached block ``l`` (k + 1 per output, newest
+first); its outputs are the model's outputs, ``block_stats`` (float32 [U, 5], one row per
+``If``: the raw change sums of ``passes/change_metric.py``) and one ``new_cache_{l}_{i}``
+per cache; the manifest's ``units`` lists the block each ``If`` stands for. With a forecast, the
 ``If``'s then-branch serves ``sum_j w_j h_j`` and keeps the history; the else-branch
 computes the block and shifts its outputs in. The weights are initializers; those of at least
 ``external_data_threshold`` bytes go to ``<name>.onnx.data``. The manifest written next to
@@ -36,6 +41,8 @@ from foresight_compile.passes.change_metric import STATS_COLUMNS
 from foresight_compile.passes.inputs import find_latent_input, find_timestep_input
 from foresight_compile.passes.onnx_rewrites import rewrite_for_onnx
 from foresight_compile.passes.partition import partition_blocks
+from foresight_compile.passes.region import collapse_region, region_exit
+from foresight_compile.runtime.policies import get_policy
 from foresight_compile.runtime.engines.manifest import (
     MASK_NAME, METRIC_NODE_PREFIX, RESERVED_NAMES, STATS_NAME, WEIGHTS_NAME, CacheSpec, Manifest,
     ManifestMismatchError, TensorSpec, check_against_manifest, dtype_name, manifest_path_for,
@@ -89,11 +96,11 @@ class _GraphFormModule(torch.nn.Module):
         return self.graph_form(*filled, *args[self.num_user:])
 
 
-def _cache_specs(segmented, slots: int) -> list[tuple[int, int, torch.Size, torch.dtype]]:
-    """``(block, index, shape, dtype)`` of every cache tensor: per block, ``slots`` values
-    of each output, slot-major (newest first)."""
+def _cache_specs(segmented, units, slots: int) -> list[tuple[int, int, torch.Size, torch.dtype]]:
+    """``(block, index, shape, dtype)`` of every cache tensor: per unit (the block it stands
+    for), ``slots`` values of each output, slot-major (newest first)."""
     specs = []
-    for l, name in enumerate(segmented.block_submods):
+    for l, name in zip(units, segmented.block_submods):
         out = next(iter(segmented.gm.get_submodule(name).graph.find_nodes(op="output"))).args[0]
         values = []
         for k, node in enumerate(out):
@@ -221,7 +228,13 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     stack = find_blocks(gm)
     segmented = partition_blocks(gm, stack)
     slots = options.forecast_order + 1
-    graph = insert_cache_branches(segmented, slots=slots)
+    # A policy serving whole steps caches the region exit alone: one If around the region.
+    exit_block = region_exit(segmented) if get_policy(options.policy).step_level else None
+    if exit_block is not None and len(stack) > 1:
+        form, units = collapse_region(segmented, exit_block), (exit_block,)
+    else:
+        form, units = segmented, tuple(range(len(stack)))
+    graph = insert_cache_branches(form, slots=slots, units=units)
 
     # Placeholders are user inputs (matched by identity: Dynamo hands the backend the very
     # tensors of the call) or weights and buffers, which are baked in.
@@ -245,7 +258,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
         raise BlockDiscoveryError("the timestep is not one of example_inputs' tensors: engines "
                                   "need it as an input to count steps")
 
-    specs = _cache_specs(segmented, slots)
+    specs = _cache_specs(form, units, slots)
     num_blocks = len(stack)
     device = tensors[user_names[timestep_slot[1]]].device  # the graph's device (CPU or CUDA)
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _, _, shape, dtype in specs]
@@ -276,8 +289,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
     ir_model = program.model
     if not keep_stack_traces:
         _strip_stack_traces(ir_model)
-    _tag_metric_nodes(ir_model, [len(next(iter(segmented.gm.get_submodule(name).graph.find_nodes(
-        op="output"))).args[0]) for name in segmented.block_submods])
+    _tag_metric_nodes(ir_model, [len(next(iter(form.gm.get_submodule(name).graph.find_nodes(
+        op="output"))).args[0]) for name in form.block_submods])
     data_name = f"{path.name}.data"
     large = any(v.const_value is not None and v.const_value.nbytes >= external_data_threshold
                 for v in ir_model.graph.initializers.values())
@@ -310,12 +323,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: Mapping[str, Any],
         constants={k: repr(v) for k, v in example_inputs.items() if k not in tensors},
         unused_inputs=tuple(k for k in tensors if k not in user_names),
         reuse_mask=TensorSpec.of(MASK_NAME, mask), caches=cache_specs, outputs=outputs,
-        block_stats=TensorSpec(STATS_NAME, (num_blocks, STATS_COLUMNS), "float32"),
+        block_stats=TensorSpec(STATS_NAME, (len(units), STATS_COLUMNS), "float32"),
         forecast_weights=weights_spec, history_slots=slots,
         latent_input=user_names[latent_slot[1]] if latent_slot[0] == "user" else None,
         blocks=tuple(b.path for b in stack.blocks), policy=policy_record(options),
         versions=_versions(), model_class=f"{type(model).__module__}.{type(model).__qualname__}",
-        external_data=data_name if large else None)
+        external_data=data_name if large else None, units=units)
     in_specs, _, _ = onnx_io(proto)
     try:
         check_against_manifest(manifest, in_specs, out_specs, ifs, what="exported ONNX model "

@@ -1,10 +1,14 @@
-"""Lowering of the graph form for the torch executor: one graph, a ``cond`` per block.
+"""Lowering of the graph form for the torch executor: one graph, a ``cond`` per cached
+unit (every block, or the whole block region when only its exit is cached).
 
-``lower_graph_form(segmented, example_inputs, lowering)`` builds the in-place graph form
-(``insert_cache_branches(..., in_place=True)``), lowers it whole (Inductor, with the
-``cond`` stride workaround of ``inductor_fixes``; or eager), and returns it with each
-block's cache specs from the traced output shapes. Raises ``BlockDiscoveryError`` for
-dynamic shapes, which the graph form cannot hold.
+``lower_graph_form(segmented, example_inputs, lowering, layout)`` builds the in-place graph
+form (``insert_cache_branches(..., in_place=True)``; for an exit-only ``layout`` on the
+region collapsed by ``passes/region.py``), lowers it whole (Inductor, with the ``cond``
+stride workaround of ``inductor_fixes``; or eager), and returns it with each block's cache
+specs from the traced output shapes (empty for blocks that hold no cache). The lowered
+function takes ``(*args, reuse_mask [L], *caches of the cached blocks, *their metric
+rows)``. Raises ``BlockDiscoveryError`` for dynamic shapes, which the graph form cannot
+hold.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from foresight_compile.lowering.inductor_fixes import exact_cond_operand_strides
 from foresight_compile.passes.cache_branch import insert_cache_branches
 from foresight_compile.passes.change_metric import STATS_COLUMNS
 from foresight_compile.passes.partition import Segmented
+from foresight_compile.passes.region import collapse_region
+from foresight_compile.runtime.cache_history import HistoryLayout
 
 CacheSpecs = tuple[tuple[tuple[tuple[int, ...], torch.dtype], ...], ...]
 
@@ -39,10 +45,21 @@ def block_cache_specs(segmented: Segmented) -> CacheSpecs:
     return tuple(specs)
 
 
-def lower_graph_form(segmented: Segmented, example_inputs: Sequence,
-                     lowering: str) -> tuple[Callable, CacheSpecs]:
-    specs = block_cache_specs(segmented)
-    graph_gm = insert_cache_branches(segmented, in_place=True)
+def graph_form_units(segmented: Segmented, layout: HistoryLayout) -> tuple[Segmented, tuple[int, ...]]:
+    """The segmented graph the ``cond``s are built on, and the block each ``cond`` stands
+    for: every block, or (exit-only layout) the collapsed region standing for the exit."""
+    if layout.exit_only_region:
+        (exit_block,) = layout.cached_blocks
+        return collapse_region(segmented, exit_block), (exit_block,)
+    return segmented, tuple(range(len(segmented.block_submods)))
+
+
+def lower_graph_form(segmented: Segmented, example_inputs: Sequence, lowering: str,
+                     layout: HistoryLayout) -> tuple[Callable, CacheSpecs]:
+    form, units = graph_form_units(segmented, layout)
+    unit_specs = dict(zip(units, block_cache_specs(form)))
+    specs = tuple(unit_specs.get(l, ()) for l in range(len(segmented.block_submods)))
+    graph_gm = insert_cache_branches(form, in_place=True, units=units)
     if lowering != "inductor":
         return graph_gm.forward, specs
     from torch._inductor.compile_fx import compile_fx
@@ -52,7 +69,7 @@ def lower_graph_form(segmented: Segmented, example_inputs: Sequence,
               for shape, dtype in block]
     # metric rows, as PolicyState lays them out (16 floats a block, the first written)
     storage = torch.zeros(len(specs), 16, device=device)
-    rows = [storage[l, :STATS_COLUMNS] for l in range(len(specs))]
+    rows = [storage[l, :STATS_COLUMNS] for l in units]
     mask = torch.zeros(len(specs), dtype=torch.bool, device=device)
     with exact_cond_operand_strides():
         fn = compile_fx(graph_gm, [*example_inputs, mask, *caches, *rows])

@@ -26,9 +26,11 @@ from typing import Any, Mapping
 import torch
 
 from foresight_compile.errors import ForesightValueError
+from foresight_compile.runtime.cache_history import HistoryLayout
 from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.engines.manifest import Manifest, binding_plan, torch_dtype
 from foresight_compile.runtime.executor import Executor
+from foresight_compile.runtime.staging import HostToDevice
 from foresight_compile.runtime.policies import get_policy
 from foresight_compile.runtime.report import Stats
 from foresight_compile.runtime.state import BranchState
@@ -64,9 +66,17 @@ class ExportedEngine(Executor):
                 f"option 'order'={options.forecast_order}, but {manifest.model_file} was "
                 f"exported with forecast order {self.order} (its history holds "
                 f"{manifest.history_slots} value(s) per block output): export again")
-        self.controller = ReuseController(len(manifest.blocks), policy,
-                                          names.index(manifest.timestep_input), range(len(names)),
-                                          order=self.order)
+        units = manifest.units
+        if len(units) < len(manifest.blocks) and policy.needs_cache and not policy.step_level:
+            raise ForesightValueError(
+                f"{manifest.model_file} was exported for a policy that serves whole steps (one "
+                f"If around the block region, caches at its exit only); policy "
+                f"{options.policy!r} decides block by block: export again with it")
+        layout = HistoryLayout(tuple(l in units for l in range(len(manifest.blocks))),
+                               manifest.history_slots)
+        self.controller = ReuseController(layout, policy, names.index(manifest.timestep_input),
+                                          range(len(names)))
+        self._units = slice(units[0], units[-1] + 1)
         self.uses_cache = policy.needs_cache
         self._latent = None
         if policy.needs_latent_change:
@@ -80,14 +90,9 @@ class ExportedEngine(Executor):
         self._weights = None if self.plan.weights is None else self._allocate(self.plan.weights)
         self._outputs = tuple(self._allocate(s) for s in self.plan.outputs)
         self._stats = self._allocate(self.plan.stats)
-        # The host writes the mask into a (pinned, on CUDA) host tensor through a numpy
-        # view: a list assignment, no tensor is created per step.
-        self._mask_host = (self._mask if device.type == "cpu" else
-                           torch.zeros_like(self._mask, device="cpu", pin_memory=True))
-        self._mask_np = self._mask_host.numpy()
-        # On CUDA the pinned mask is copied without blocking: the host waits for the previous
-        # copy (long done) before overwriting it.
-        self._mask_copied = torch.cuda.Event() if device.type == "cuda" else None
+        # The host writes the mask through a (pinned, on CUDA) host copy: no tensor is
+        # created per step, and a copy still in flight is never overwritten (staging.py).
+        self._mask_staging = HostToDevice(self._mask)
         self._expected = {s.name: (i, s.shape, torch_dtype(s.dtype))
                           for i, s in enumerate(self.plan.inputs)}
         self._banks: "weakref.WeakKeyDictionary[BranchState, _Banks]" = weakref.WeakKeyDictionary()
@@ -193,18 +198,13 @@ class ExportedEngine(Executor):
         if self._latent is not None:
             self._latent_change(state)
         if self._weights is not None:
-            self._weights.copy_(state.clock.device_table[: len(self.manifest.blocks),
-                                                         : self.manifest.history_slots])
-        if self._mask_copied is not None:
-            self._mask_copied.synchronize()
-        self._mask_np[:] = state.mask
-        if self._mask_copied is not None:
-            self._mask.copy_(self._mask_host, non_blocking=True)
-            self._mask_copied.record()
+            self._weights.copy_(state.history.device_table[:, : self.manifest.history_slots])
+        self._mask_staging.write(state.mask)
         self._run(banks.bound[banks.current])
         if self.uses_cache:
-            raw = state.policy_state.raw  # reused blocks keep their last measurement
-            torch.where(self._mask[:, None], raw, self._stats, out=raw)
+            # One stats row per If; reused units keep their last measurement.
+            raw = state.policy_state.raw[self._units]
+            torch.where(self._mask[self._units, None], raw, self._stats, out=raw)
             banks.current ^= 1
             state.buffers.flip()
         return tuple(o.clone() for o in self._outputs)

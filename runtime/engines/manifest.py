@@ -24,7 +24,7 @@ from foresight_compile.errors import (ExportError, ForesightValueError,  # noqa:
 from foresight_compile.options import Options
 
 FORMAT = "foresight-compile/graph-form-onnx"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MASK_NAME = "reuse_mask"
 STATS_NAME = "block_stats"
 WEIGHTS_NAME = "forecast_weights"
@@ -112,6 +112,18 @@ class Manifest:
     forecast_weights: TensorSpec | None = None  # forecast order >= 1: float32 [L, slots]
     history_slots: int = 1  # values cached per block output (forecast order + 1)
     latent_input: str | None = None  # the input whose change a policy may read
+    # The block each top-level If stands for, in order: every block (a policy deciding per
+    # block), or the region exit alone (one If around the whole block region: a policy
+    # serving whole steps). ``block_stats`` has one row per If. Empty: every block.
+    units: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            object.__setattr__(self, "units", tuple(range(len(self.blocks))))
+        lo = self.units[0] if self.units else 0
+        if self.units != tuple(range(lo, lo + len(self.units))):
+            raise ManifestMismatchError(f"manifest units {list(self.units)} are not consecutive "
+                                        "blocks; export the model again")
 
     @property
     def engine_inputs(self) -> tuple[TensorSpec, ...]:
@@ -149,7 +161,8 @@ class Manifest:
             "forecast_weights": (None if self.forecast_weights is None
                                  else self.forecast_weights.to_json()),
             "history_slots": self.history_slots, "latent_input": self.latent_input,
-            "blocks": list(self.blocks), "if_nodes": len(self.blocks),
+            "blocks": list(self.blocks), "units": list(self.units),
+            "if_nodes": len(self.units),
             "metric_node_prefix": METRIC_NODE_PREFIX,
             "policy": self.policy, **({"extra": self.extra} if self.extra else {}),
         }
@@ -178,7 +191,8 @@ class Manifest:
                 extra=dict(d.get("extra", {})),
                 forecast_weights=(None if d.get("forecast_weights") is None
                                   else TensorSpec.from_json(d["forecast_weights"])),
-                history_slots=int(d.get("history_slots", 1)), latent_input=d.get("latent_input"))
+                history_slots=int(d.get("history_slots", 1)), latent_input=d.get("latent_input"),
+                units=tuple(int(u) for u in d["units"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestMismatchError(f"{source} is malformed ({type(e).__name__}: {e}); "
                                         f"export the model again") from None
@@ -235,9 +249,9 @@ def manifest_mismatches(manifest: Manifest, inputs: Sequence[TensorSpec],
                                 f"{list(spec.shape)}, model has {found.dtype}{list(found.shape)}")
         problems.extend(f"{kind} {name!r} is in the model but not in the manifest"
                         for name in by_name)
-    if if_nodes is not None and if_nodes != len(manifest.blocks):
+    if if_nodes is not None and if_nodes != len(manifest.units):
         problems.append(f"the model has {if_nodes} top-level If nodes, the manifest lists "
-                        f"{len(manifest.blocks)} blocks")
+                        f"{len(manifest.units)} (one per cached unit)")
     return problems
 
 

@@ -103,6 +103,9 @@ class ReusePolicy:
     needs_cache: ClassVar[bool] = True  # False: never reuses, so no buffers are kept
     needs_metric: ClassVar[bool] = False  # True: stats report the change metric and thresholds
     needs_latent_change: ClassVar[bool] = False  # True: the executor measures the input's change
+    # True: every step computes every block or serves every block (never a mix), so only the
+    # region exit needs a cache (cache_history.py); False: blocks decide one by one.
+    step_level: ClassVar[bool] = False
 
     def __init__(self, options) -> None:
         self.options = options
@@ -123,7 +126,8 @@ class ReusePolicy:
         """True: block's cache holds ``out - in`` and reuse serves ``in + residual``."""
         return self.options.reuse == "residual"
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None,
+    def observe(self, step: int, warmup: int | None, state: PolicyState, history=None,
                 total: int | None = None) -> None:
         """After ``step`` ran (its metrics are derived in ``state``): update device state in
-        place. ``clock`` (the branch's ``StepClock``) says which blocks computed and when."""
+        place. ``history`` (the branch's ``CacheHistory``) says which blocks computed and
+        when."""

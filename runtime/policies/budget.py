@@ -1,7 +1,7 @@
 """``budget``: step-level reuse with forecasts, under a measured error budget (ours).
 
 Every step either computes every block or serves every block a forecast (``order`` k: the
-Taylor / Lagrange extrapolation through its last k + 1 computed values, ``clock.py``). Why
+Taylor / Lagrange extrapolation through its last k + 1 computed values, ``cache_history.py``). Why
 every block together: when blocks decide on their own, a block that computes reads a
 served (forecast) input, and that value enters its history and its finite differences;
 measured on the trained tiny video DiT, per-block decisions with forecasts lost 8-20 dB
@@ -58,6 +58,7 @@ _DIFF, _NORM, _RATE, _ACC, _EST, _RHO, _TMP, _FULL, _NEAR = 0, 1, 2, 3, 4, 6, 7,
 class BudgetReuse(ReusePolicy):
     needs_metric = False
     needs_latent_change = True
+    step_level = True
 
     def __init__(self, options) -> None:
         super().__init__(options)
@@ -83,12 +84,12 @@ class BudgetReuse(ReusePolicy):
             return self.options.max_run
         return 8 if total is None else max(2, round(total / RUN_FRACTION))
 
-    def observe(self, step: int, warmup: int | None, state: PolicyState, clock=None,
+    def observe(self, step: int, warmup: int | None, state: PolicyState, history=None,
                 total: int | None = None) -> None:
         aux = state.aux
-        last = clock.num_blocks - 1
-        if clock.all_computed_at == step:
-            previous = clock.steps[last, 1]
+        last = history.num_blocks - 1  # the region exit: its forecast is what is served
+        if history.all_computed_at == step:
+            previous = history.steps[last, 1]
             gap = 1.0 if math.isnan(previous) else step - previous
             torch.mul(state.ferr[last], 1.0 / gap ** self.power, out=aux[_RATE])
             aux[_ACC].zero_()
@@ -97,25 +98,25 @@ class BudgetReuse(ReusePolicy):
         torch.div(aux[_DIFF], aux[_NORM], out=aux[_RHO])
         aux[_RHO].sqrt_()
         target = step + self.lookahead  # the step this end-of-step decision is for
-        gap = target - clock.steps[last, 0]
+        gap = target - history.steps[last, 0]
         est = aux[_EST + target % 2]
         torch.mul(aux[_RATE], aux[_RHO], out=est)
         if self.lookahead == 1:
             est.mul_(RHO_SCALE * gap ** self.power)
             torch.add(aux[_ACC], est, out=aux[_TMP])
         else:
-            self._two_ahead(step, warmup, total, state, clock, gap)
+            self._two_ahead(step, warmup, total, state, history, gap)
         # NaN (no latent change measured yet) compares False: compute.
         torch.le(aux[_TMP], self.options.tolerance, out=state.flags[0])
 
-    def _two_ahead(self, step: int, warmup, total, state: PolicyState, clock, gap: float) -> None:
+    def _two_ahead(self, step: int, warmup, total, state: PolicyState, history, gap: float) -> None:
         """Decide step t + 2 at the end of step t, before step t + 1 ran: step t + 1 computes
         when the host forces it or when the decision made at the end of step t - 1 (still
         in ``flags[0]``) said so; then t + 2 starts a new run (gap 1, nothing accumulated),
         else it continues the run through t + 1."""
         aux, flags = state.aux, state.flags
         est = aux[_EST + (step + 2) % 2]  # holds rate * rho
-        if self.computes_all(step + 1, warmup, total, clock.run):
+        if self.computes_all(step + 1, warmup, total, history.run):
             flags[1].fill_(False)
         else:
             flags[1].copy_(flags[0])  # step t + 1 is served
