@@ -40,6 +40,7 @@ branch's preallocated tensors, and the history is a preallocated ring (``history
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import warnings
 import weakref
@@ -216,9 +217,11 @@ class ReuseController:
         if (signature != state.signature or state.epoch != self._epoch
                 or (request is None and not timestep < state.last_timestep)
                 or (state.total_steps is not None and request is not None
-                    and state.step >= state.total_steps)):
+                    and state.length_source != "timesteps" and state.step >= state.total_steps)):
             self._start_generation(req, state, signature, context)
         if timestep is not None:
+            if state.step > 0 and state.length_source != "given":
+                self._infer_length(state, timestep)
             state.last_timestep = timestep
         history = state.history
         if self.policy.computes_all(state.step, state.warmup, state.total_steps, history.run):
@@ -247,10 +250,11 @@ class ReuseController:
         state.generation = req.generation
         # The pipeline knows best, then the user's option, then the last generation's length.
         options = self.policy.options
-        total = (context.num_steps if context is not None else None) or options.num_steps \
-            or state.previous_length
+        given = (context.num_steps if context is not None else None) or options.num_steps
+        total = given or state.previous_length
         state.warmup = options.warmup_steps(total, self.policy.default_warmup)
         state.total_steps = total
+        state.length_source = "given" if given else "previous" if total else None
         if state.warmup is None and self.policy.needs_cache and not self._warned_warmup:
             self._warned_warmup = True
             warnings.warn(
@@ -261,6 +265,24 @@ class ReuseController:
             self.generations += 1
         log.debug("request %d branch %d: generation %d starts", req.id, state.branch,
                   state.generation)
+
+    @staticmethod
+    def _infer_length(state: BranchState, timestep: float) -> None:
+        """A generation's length read from its timesteps, when nobody said it: schedules
+        run down to (about) zero, so ``t / (t_prev - t)`` more calls remain at this step's
+        pace. Early in a shifted flow-matching schedule the pace is slow and the guess too
+        long; it is exact over the last steps, where the tail needs it. The last
+        generation's length stands unless the timesteps say this one is shorter."""
+        gap = state.last_timestep - timestep
+        if not (gap > 0 and math.isfinite(gap) and timestep >= 0):
+            return
+        # floor (a hair of slack for float spacing): a short guess computes a step more,
+        # a long one would serve a step of the tail
+        inferred = state.step + math.floor(timestep / gap + 1e-3)
+        if state.length_source == "previous" and inferred >= state.total_steps - 1:
+            return
+        state.total_steps = max(inferred, state.step + 1)
+        state.length_source = "timesteps"
 
     def end(self, state: BranchState) -> None:
         """Called after a model evaluation whose computed blocks wrote their metrics."""

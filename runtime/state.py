@@ -88,6 +88,9 @@ class BranchState:
         self.step = 0
         self.warmup: int | None = None
         self.total_steps: int | None = None
+        # where total_steps came from: "given" (request or option), "previous" (the last
+        # generation's length), "timesteps" (inferred from this one's), None (unknown)
+        self.length_source: str | None = None
         self.mask: list[bool] = [False] * num_blocks
         # This step's timestep for the history: a float when the controller read it, else
         # the input tensor (copied on the device, never read on the host per step).
