@@ -48,6 +48,7 @@ def test_each_copy_delivers_what_was_written_before_it_was_queued():
     for values in written:
         staging.write(values)
     staging.begin()  # the last copy completes
+    staging.begin()  # nothing queued since: no second wait
     assert [d.tolist() for d in copies.delivered] == [w.tolist() for w in written]
     # one copy per step, each step waiting for the previous copy before writing
     assert copies.log == ["copy"] + ["wait", "copy"] * 4 + ["wait"]
