@@ -70,6 +70,10 @@ def test_peer_runs_through_its_public_api(report):
     fbc = report.method("fbc(threshold=0.5)")
     assert fbc.error is None and fbc.seconds > 0 and fbc.skipped is not None
     assert fbc.cache_bytes >= 512 * 24 * 4  # measured by the census, as ours: >= 1 activation
+    gate = {"method": fbc.name, "max_cache_bytes": fbc.cache_bytes - 1}
+    (failed,) = check_report(report, {"gate": [gate]}).failed
+    assert f"cache_bytes {fbc.cache_bytes} > max_cache_bytes" in failed
+    assert check_report(report, {"gate": [{**gate, "max_cache_bytes": fbc.cache_bytes}]}).ok
 
 
 def test_memory_census_of_ours_agrees_with_stats_and_sees_a_peers_cache():
