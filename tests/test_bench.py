@@ -119,6 +119,10 @@ def test_report_json_schema_is_stable(report, tmp_path):
                                        "cache_bytes", "psnr", "ssim", "ceiling", "error"}
     again = BenchReport.from_dict(data)
     assert [m.name for m in again.methods] == [m.name for m in report.methods]
+    fbc = report.method("fbc(threshold=0.5)")  # cache MiB of a peer in both tables
+    assert f"{fbc.cache_bytes / 2**20:.2f} |" in report.markdown()
+    (row,) = [line for line in report.table().splitlines() if line.startswith(fbc.name)]
+    assert row.endswith(f"{fbc.cache_bytes / 2**20:.2f}")
     path = tmp_path / "pareto.png"
     report.pareto_plot(str(path))
     assert path.stat().st_size > 5000
