@@ -76,6 +76,21 @@ def test_peer_runs_through_its_public_api(report):
     assert check_report(report, {"gate": [{**gate, "max_cache_bytes": fbc.cache_bytes}]}).ok
 
 
+def test_census_counts_new_storages_once_and_nothing_alive_before():
+    from foresight_compile.bench import memory
+
+    old = torch.zeros(1000)
+    with memory.Census() as census:
+        old.add_(1)  # written, not new
+        new = torch.zeros(250)
+        views = [new.view(25, 10), new[5:]]  # the same storage
+        assert census.new_bytes() == 250 * 4
+        del new, views
+        assert census.new_bytes() == 0
+    assert memory.census_steps(30) == (2, 15, 28) and memory.census_steps(1) == (0,)
+    assert memory.cache_bytes([10, 30, 20], [5, 5, 6]) == 25
+
+
 def test_memory_census_of_ours_agrees_with_stats_and_sees_a_peers_cache():
     """One census for everyone: for ours it finds ``stats().cache_bytes`` (cache buffers and
     latent probe) plus the fixed bookkeeping, whatever the policy; for a peer it finds what

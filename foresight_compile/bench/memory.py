@@ -42,6 +42,8 @@ from foresight_compile import models
 def live_storages() -> dict[tuple[str, int], torch.Tensor]:
     """Every storage a live tensor holds now: ``(device, data pointer) -> one tensor on it``
     (fake, meta and empty tensors hold none)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     gc.collect()
     found: dict[tuple[str, int], torch.Tensor] = {}
     with warnings.catch_warnings():
@@ -50,7 +52,7 @@ def live_storages() -> dict[tuple[str, int], torch.Tensor]:
             if not issubclass(type(obj), torch.Tensor):  # type(): no __class__ lookups
                 continue
             try:
-                if obj.device.type == "meta" or _is_fake(obj):
+                if obj.device.type == "meta" or isinstance(obj, FakeTensor):
                     continue
                 ptr = obj.untyped_storage().data_ptr()
             except Exception:  # a wrapper subclass without storage: its parts are listed
@@ -58,12 +60,6 @@ def live_storages() -> dict[tuple[str, int], torch.Tensor]:
             if ptr:
                 found.setdefault((str(obj.device), ptr), obj)
     return found
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 def storage_bytes(tensors) -> int:
