@@ -17,7 +17,7 @@ Thresholds file (TOML)::
     min_skipped = 0.2             # fraction of attention work skipped
     max_skipped = 1.0
     max_compile_ratio = 1.5       # compile seconds / inductor's
-    max_cache_bytes = 50_000_000
+    max_cache_bytes = 50_000_000  # held between steps beyond the uncached model (bench/memory.py)
 
     [reference]                   # optional: a previous `bench --json` and the allowed regression
     results = "previous.json"     # relative to the thresholds file

@@ -12,7 +12,8 @@ JSON schema (``schema_version`` 1)::
                   "compile_seconds": float|null,  # first call: trace + compile + one step
                   "compile_ratio": float|null,    # compile_seconds / inductor's
                   "skipped": float|null,          # 1 - attention calls / uncached attention calls
-                  "cache_bytes": int|null,        # ours: exact buffer bytes; peers: null
+                  "cache_bytes": int|null,        # tensors kept alive between steps beyond
+                                                  # the uncached model's (memory.py census)
                   "psnr": float|null, "ssim": float|null,  # final latent vs uncached eager
                   "ceiling": float|null,          # 1 / (1 - block_share * skipped)
                   "error": str|null}],            # why a method did not run
@@ -21,6 +22,11 @@ JSON schema (``schema_version`` 1)::
      "verdict": [{"peer": name, "peer_speedup": float, "peer_psnr": float,
                   "ours": name|null, "ours_speedup": float|null, "ours_psnr": float|null,
                   "ratio": float|null}]}        # ours_speedup / peer_speedup
+
+``cache_bytes`` is measured the same way for every method, baselines, ours and peers
+(``memory.py``): a census of live tensors between two denoising steps, minus the same census
+of the uncached model. For ours it is ``stats().cache_bytes`` plus fixed bookkeeping (the
+stats ring, per-block scalars). Tables and the plot show it in MiB.
 
 The verdict answers, for every peer point: which of our points is the fastest with at least
 the peer's PSNR, and how much faster (``ratio`` >= 1: the peer point is dominated). PSNR at
@@ -203,7 +209,7 @@ class BenchReport:
                 f"{m.name:<34}{_f(m.seconds, '.2f'):>7}{_f(m.speedup, '.2f', 'x'):>9}"
                 f"{_f(m.ceiling, '.2f', 'x'):>8}{_f(m.skipped, '.0%'):>8}{_f(m.psnr, '.1f'):>7}"
                 f"{_f(m.ssim, '.3f'):>7}{_f(m.compile_seconds, '.1f'):>10}"
-                f"{_f(None if m.cache_bytes is None else m.cache_bytes / 2**20, '.2f'):>10}")
+                f"{_f(_mib(m), '.2f'):>10}")
         for family in ("ours", "peer"):
             front = self.front(family)
             if front:
@@ -223,7 +229,7 @@ class BenchReport:
                 f"| {m.name} | {_f(m.seconds, '.2f')} | {_f(m.speedup, '.2f', 'x')} | "
                 f"{_f(m.ceiling, '.2f', 'x')} | {_f(m.skipped, '.0%')} | {_f(m.psnr, '.1f')} | "
                 f"{_f(m.ssim, '.3f')} | {_f(m.compile_seconds, '.1f')} | "
-                f"{_f(None if m.cache_bytes is None else m.cache_bytes / 2**20, '.2f')} |")
+                f"{_f(_mib(m), '.2f')} |")
         return (f"**{self.workload}**, {self.steps} steps, median of {self.repeats} generations, "
                 f"torch {self.torch}, diffusers {self.diffusers}, {self.threads} threads, "
                 f"{self.date}; block share f = {_f(self.block_share, '.2f')}\n\n" + "\n".join(rows) + "\n"
@@ -241,13 +247,15 @@ class BenchReport:
                 continue
             y = min(m.psnr, 100.0)  # identical output: plotted at the top, not at infinity
             ax.scatter(m.speedup, y, color=colours[m.family], s=18, alpha=0.7)
-            ax.annotate(m.name, (m.speedup, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_point_label(m), (m.speedup, y), fontsize=5, xytext=(3, 3),
+                        textcoords="offset points")
         for family, label in (("ours", "our front"), ("peer", "peers' front")):
             front = self.front(family)[::-1]  # slowest (most faithful) first
             if front:
                 xs = [m.speedup for m in front]
                 ys = [min(m.psnr, 100.0) for m in front]
                 ax.step(xs, ys, where="post", color=colours[family], lw=1.2, label=label)
+        ax.plot([], [], " ", label="[x MiB]: cache kept between steps")
         ax.legend(loc="lower left", fontsize=7)
         ax.axvline(1.0, color="k", lw=0.5)
         ax.set_xlabel("speedup vs torch.compile(inductor)")
@@ -256,6 +264,15 @@ class BenchReport:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+def _mib(m: MethodResult) -> float | None:
+    return None if m.cache_bytes is None else m.cache_bytes / 2**20
+
+
+def _point_label(m: MethodResult) -> str:
+    """A plotted point's name with its cache MiB (the legend explains the brackets)."""
+    return m.name if m.cache_bytes is None else f"{m.name} [{_mib(m):.2f} MiB]"
 
 
 def _f(value, spec: str, suffix: str = "") -> str:

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from foresight_compile import models
+from foresight_compile.bench import memory
 from foresight_compile.bench.methods import MethodSpec
 from foresight_compile.bench.metrics import ceiling, psnr, ssim
 from foresight_compile.bench.report import BenchReport, MethodResult
@@ -99,16 +100,24 @@ def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version)
     # torch.compile make Dynamo skip the block forwards it traced, which would split the
     # graphs of any model compiled after them (a benchmark artefact, not a user's setup).
     block_share = _block_share(dit, seed)
+    # The memory census (memory.py): what each method keeps alive between steps beyond the
+    # uncached model, counted the same way for all, from just before it is prepared.
+    uncached_held = memory.baseline(dit, steps, seed)
     order = sorted(methods, key=lambda s: (s.family == "peer", s.compiled))
-    for spec in tqdm(order, desc="prepare + compile", disable=not progress):
+    for spec in tqdm(order, desc="prepare + compile + census", disable=not progress):
+        census = memory.Census()
         try:
             p = spec.prepare(dit.model, steps, calibrate)
             start = time.perf_counter()
             models.denoise(p.call, dit, 1, seed=seed)
             results[spec.name].compile_seconds = time.perf_counter() - start
+            held = census.generation(p.call, dit, steps, seed, p.new_generation)
+            results[spec.name].cache_bytes = memory.cache_bytes(held, uncached_held)
             prepared[spec.name] = p
         except Exception as e:  # a peer that cannot run on this model is reported, not fatal
             results[spec.name].error = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            census.close()
     for r in tqdm(range(repeats + 1), desc="interleaved generations", disable=not progress):
         for name, p in prepared.items():
             p.new_generation()
@@ -130,9 +139,6 @@ def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version)
         p.new_generation()
         done = _attention_calls(p.call, dit, steps, seed)
         res.skipped = max(0.0, 1.0 - done / uncached_attention) if uncached_attention else None
-        if p.stats_target is not None:
-            import foresight_compile
-            res.cache_bytes = foresight_compile.stats(p.stats_target).cache_bytes
         if res.skipped is not None:
             res.ceiling = ceiling(block_share, res.skipped)
     return BenchReport(
