@@ -31,7 +31,7 @@ from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.executor import Executor, SegmentExecutor
 from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.graph_executor import GraphFormExecutor
-from foresight_compile.runtime.policies import get_policy
+from foresight_compile.runtime.policies.registry import get_policy
 
 _PROGRAMS: list[weakref.ref] = []
 # Graphs the backend could not cache (they run plain Inductor): the newest ones, whose.

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from foresight_compile.runtime.policies import register_policy
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
 
-@register_policy("foresight")
 class ForesightReuse(ReusePolicy):
+    name = "foresight"
     needs_metric = True
 
     def new_state(self, num_blocks: int, device: torch.device) -> PolicyState:
