@@ -1,7 +1,7 @@
 """ForesightProgram: what the backend returns to Dynamo for one graph, and the registry
 that lets ``stats(model)`` / ``reset(model)`` find the programs of a model.
 
-Reading top to bottom, a program is the pipeline of DESIGN.md section 2: analyses
+Reading top to bottom, a program is the pipeline of docs/DESIGN.md section 2: analyses
 (``find_blocks``, ``find_timestep_input``), the policy and its controller (with the metric
 reduction over the blocks' process group under sequence parallelism), the partition,
 the lowering (segment plan, graph form or CUDA graphs) and the executor that runs it.

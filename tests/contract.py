@@ -1,4 +1,4 @@
-"""An executable model of the controller's contract (docs: DESIGN.md section 2, README
+"""An executable model of the controller's contract (docs/DESIGN.md section 2, README
 "What the controller guarantees"), for the property suite (test_controller_properties.py).
 
 ``Contract`` is told each call as the caller sees it (who calls: a request or a thread; the

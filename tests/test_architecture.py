@@ -153,7 +153,7 @@ def test_modules_stay_small(name):
 
 def _map() -> dict[str, str]:
     """docs/ARCHITECTURE.md's map: file -> its "may import" cell."""
-    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text()
     return {line.split("`")[1]: line.rstrip().rstrip("|").rpartition("|")[2].strip()
             for line in text.splitlines() if line.startswith("| `") and line.count("`") >= 2}
 
@@ -164,7 +164,7 @@ def test_architecture_map_lists_every_module_and_nothing_else():
 
 
 def _allowed(cell: str) -> list[str]:
-    """The modules a "may import" cell names (see ARCHITECTURE.md: dotted, under
+    """The modules a "may import" cell names (see docs/ARCHITECTURE.md: dotted, under
     ``foresight_compile.``; "nothing" names none)."""
     if cell == "nothing":
         return []
@@ -208,3 +208,20 @@ def test_the_may_import_check_finds_an_import_off_the_line_and_a_name_not_import
         "(runtime.policies.base)",
         "runtime/policies/foresight.py: its line names foresight_compile.errors, which it "
         "does not import"]
+
+
+def test_every_document_the_code_cites_is_in_the_repository():
+    """``docs/DESIGN.md section 2``, ``docs/ARCHITECTURE.md``: a cited document exists, under
+    the repository (never a path outside it)."""
+    import re
+
+    cited = re.compile(r"(?<![\w./-])((?:\.\./)*[\w./-]*[A-Z][A-Z_]+\.md)")
+    sources = list(MODULES.values()) + sorted((ROOT / "tests").glob("*.py")) \
+        + sorted((ROOT / "examples").glob("*.py"))
+    bad = []
+    for path in sources:
+        for name in cited.findall(path.read_text()):
+            target = (ROOT / name).resolve()
+            if not target.is_file() or ROOT not in target.parents:
+                bad.append(f"{path.relative_to(ROOT)} cites {name}")
+    assert bad == []

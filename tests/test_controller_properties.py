@@ -129,7 +129,8 @@ class Tally:
         if self.stale:
             found.append(f"{self.stale} calls with stale reuse or a skipped required start")
         if self.unexpected_starts:
-            found.append(f"{self.unexpected_starts} generation starts neither required nor permitted")
+            found.append(f"{self.unexpected_starts} generation starts neither required nor "
+                         "permitted")
         if self.missed_serves:
             found.append(f"{self.missed_serves} of {self.required_serves} calls that must serve "
                          "computed")

@@ -1,4 +1,4 @@
-"""Foresight adaptive reuse (Adnan et al., arXiv 2506.00329), as DESIGN.md section 3 states it.
+"""Foresight adaptive reuse (Adnan et al., arXiv 2506.00329), as docs/DESIGN.md section 3 states it.
 
 * Steps ``0..W-1`` compute every block; at step ``W-1`` the threshold of block ``l`` is
   ``lambda * MSE(out_l(W-1), out_l(W-2))``.
