@@ -4,7 +4,9 @@ Two threads share one ``torch.compile(transformer, backend="foresight")`` (Induc
 default policy with reuse on) and each runs its own 30-step generation with its own prompt,
 CFG as two unnamed calls per step; with and without ``generation()``. Each output equals
 the same request run alone (<= 1e-6), with the same reuse mask. Memory stays bounded over
-200 requests.
+200 requests. Foresight's ``decision="prefix"`` (scratch tensors between two device ops,
+outside the controller's lock): two requests' decisions forced to interleave there still
+give each its own masks and outputs.
 """
 from __future__ import annotations
 
