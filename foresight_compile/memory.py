@@ -32,7 +32,7 @@ from foresight_compile.options import Options
 from foresight_compile.passes.blocks import find_blocks
 from foresight_compile.passes.inputs import find_latent_input
 from foresight_compile.passes.partition import partition_blocks
-from foresight_compile.runtime.policies import get_policy
+from foresight_compile.runtime.policies.registry import get_policy
 
 
 @dataclasses.dataclass(frozen=True)

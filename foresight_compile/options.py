@@ -88,7 +88,7 @@ class Options:
     copy is a step old: no wait); a non-finite output then leaves its cache unchanged."""
 
     def __post_init__(self) -> None:
-        from foresight_compile.runtime.policies import available_policies
+        from foresight_compile.runtime.policies.registry import available_policies
 
         _choice("policy", self.policy, tuple(available_policies()))
         _choice("decision", self.decision, DECISIONS)

@@ -1,7 +1,7 @@
 """ForesightProgram: what the backend returns to Dynamo for one graph, and the registry
 that lets ``stats(model)`` / ``reset(model)`` find the programs of a model.
 
-Reading top to bottom, a program is the pipeline of DESIGN.md section 2: analyses
+Reading top to bottom, a program is the pipeline of docs/DESIGN.md section 2: analyses
 (``find_blocks``, ``find_timestep_input``), the policy and its controller (with the metric
 reduction over the blocks' process group under sequence parallelism), the partition,
 the lowering (segment plan, graph form or CUDA graphs) and the executor that runs it.
@@ -31,7 +31,7 @@ from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.executor import Executor, SegmentExecutor
 from foresight_compile.runtime.frames import FrameGroup
 from foresight_compile.runtime.graph_executor import GraphFormExecutor
-from foresight_compile.runtime.policies import get_policy
+from foresight_compile.runtime.policies.registry import get_policy
 
 _PROGRAMS: list[weakref.ref] = []
 # Graphs the backend could not cache (they run plain Inductor): the newest ones, whose.

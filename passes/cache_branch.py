@@ -1,4 +1,4 @@
-"""Conditional cache branch pass: the graph form of DESIGN.md section 2.
+"""Conditional cache branch pass: the graph form of docs/DESIGN.md section 2.
 
 ``insert_cache_branches(segmented)`` returns one GraphModule in which every block call is
 ``torch.cond(reuse_mask[l], reuse_l, compute_l, (*caches_l, *block_inputs))`` (the

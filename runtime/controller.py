@@ -180,7 +180,7 @@ class ReuseController:
                     state.previous_length = None
                     state.step = 0
                     return state
-        return BranchState(index, self.layout, device, self.lookahead)
+        return BranchState(index, self.layout, device, self.policy, self.lookahead)
 
     # -- one evaluation -------------------------------------------------------------------
     def begin(self, args: Sequence) -> BranchState:

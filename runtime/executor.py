@@ -6,7 +6,7 @@ or serves each block as the mask says, the controller ends the step (counts, his
 next mask). The controller alone keeps counts, history and cache bytes, so ``Stats`` is
 built the same way for every executor.
 
-``SegmentExecutor`` is the host-branch form of DESIGN.md section 2: prologue, blocks, glue
+``SegmentExecutor`` is the host-branch form of docs/DESIGN.md section 2: prologue, blocks, glue
 and epilogue are separately lowered segments, and a precomputed plan calls them in order.
 For block ``l`` the host mask decides:
 

@@ -11,7 +11,7 @@ import math
 import torch
 
 from foresight_compile.runtime.cache_history import CacheHistory, HistoryLayout
-from foresight_compile.runtime.policies.base import PolicyState
+from foresight_compile.runtime.policies.base import ReusePolicy
 
 
 class HostMask:
@@ -67,13 +67,14 @@ class BranchState:
     """Everything one CFG branch of one request keeps between steps."""
 
     def __init__(self, branch: int, layout: HistoryLayout, device: torch.device,
-                 lookahead: int = 1) -> None:
+                 policy: ReusePolicy, lookahead: int = 1) -> None:
         num_blocks = layout.num_blocks
         self.branch = branch
         self.num_blocks = num_blocks
         self.device = device
         self.request = 0  # id of the request the state serves
-        self.policy_state = PolicyState.allocate(num_blocks, device)
+        # The policy's device state (and scratch) for this branch alone.
+        self.policy_state = policy.new_state(num_blocks, device)
         # The cache: which blocks hold what, the slots, the forecast weights.
         self.history = CacheHistory(layout, device)
         self.next_mask = HostMask(num_blocks, device, lookahead)

@@ -1,4 +1,4 @@
-"""An executable model of the controller's contract (docs: DESIGN.md section 2, README
+"""An executable model of the controller's contract (docs/DESIGN.md section 2, README
 "What the controller guarantees"), for the property suite (test_controller_properties.py).
 
 ``Contract`` is told each call as the caller sees it (who calls: a request or a thread; the
@@ -8,7 +8,11 @@ branch name, if any; the timestep; the input signature; resets) and says
   by its name; an unnamed one by its position among consecutive calls at one timestep;
 * whether the contract *requires* a new generation here: the branch's first call, an input
   signature (shape, dtype) other than at its previous call, a ``reset()`` since, the
-  request's ``num_steps`` reached, or, outside a request, a timestep that did not decrease.
+  request's ``num_steps`` reached, or, outside a request, a timestep that did not decrease;
+  or another compile of the model (Dynamo's, for other inputs; ``frames.py``) than the one
+  that ran the branch's previous call: its state for the branch is out of date or new
+  (which compile runs a call is Dynamo's choice, e.g. after another thread's recompile: the
+  caller reports it).
 
 Given what the controller actually did (the step index and the reuse mask of the call), it
 then recomputes the output: every computed block from the model's own eager block, every
@@ -18,8 +22,19 @@ the Lagrange forecast through the newest ``order + 1`` at their steps, as
 shape or dtype cannot reproduce the output: ``ExactDiT``'s blocks are nonlinear and each
 call's input is fresh noise. The policy stays free to choose the mask (its choice is
 checked only against the contract's invariants: step 0 computes every block; a block is
-served only with a value of this generation), and extra generation starts are allowed
-(they cost speed, not correctness) and counted.
+served only with a value of this generation).
+
+Liveness beside safety: the contract also says
+
+* which generation starts are *permitted* without being required: in a request without
+  ``num_steps``, the controller takes the branch's previous generation's length as the
+  step count (of the compiled graph that ran it, which the contract cannot see: any earlier
+  length of the branch in the request is permitted). Any other start is *unexpected*: it
+  costs speed (every block computes again), and a controller that restarted at every call
+  would never serve anything;
+* which calls must be *served*: where the policy's settings make the schedule certain
+  (``serves(step)``, e.g. ``static``'s warmup and refresh interval), a step that the
+  schedule serves, in a generation whose inputs were all finite so far, serves every block.
 """
 from __future__ import annotations
 
@@ -36,6 +51,11 @@ class BranchModel:
     last_timestep: float = math.inf
     step: int = 0
     epoch: int = -1
+    # The lengths of this branch's earlier generations (in this request): starts there are
+    # permitted (the controller's step-count guess, see the module docstring).
+    lengths: set = dataclasses.field(default_factory=set)
+    finite: bool = True  # every input of this generation so far was finite
+    program: object = None  # the compile that ran the branch's previous call
     # Per block: [(step, value)], newest first, at most ``slots``.
     history: list = dataclasses.field(default_factory=list)
 
@@ -52,7 +72,21 @@ class CallerModel:
 class Verdict:
     mandatory: bool  # the contract required a new generation here
     restarted: bool  # the controller started one
-    problems: list
+    problems: list  # safety: what the controller did wrong (stale or wrong output)
+    permitted: bool = False  # a start here is allowed (not required)
+    must_serve: bool = False  # the policy's certain schedule serves every block here
+    served_all: bool = False  # the controller served every block
+    served_any: bool = False  # the controller served at least one block
+
+    @property
+    def unexpected_start(self) -> bool:
+        """A generation start the contract neither requires nor permits."""
+        return self.restarted and not (self.mandatory or self.permitted)
+
+    @property
+    def missed_serve(self) -> bool:
+        """The schedule serves this call and the controller computed some block."""
+        return self.must_serve and not self.served_all
 
 
 def lagrange(steps: list[int], t: int) -> list[float]:
@@ -68,9 +102,12 @@ def lagrange(steps: list[int], t: int) -> list[float]:
 
 
 class Contract:
-    def __init__(self, model: torch.nn.Module, slots: int) -> None:
+    def __init__(self, model: torch.nn.Module, slots: int, serves=None) -> None:
+        """``serves(step)``: True where the policy's settings make it certain that a step
+        serves every block (None: the policy's choice is never certain)."""
         self.model = model
         self.slots = slots
+        self.serves = serves
         self.callers: dict = {}
         self.epoch = 0
 
@@ -93,12 +130,15 @@ class Contract:
 
     def call(self, caller: object, in_request: bool, num_steps: int | None, name: str | None,
              x: torch.Tensor, timestep: float, step: int, mask: list[bool],
-             output: torch.Tensor) -> Verdict:
+             output: torch.Tensor, program: object = None) -> Verdict:
         b = self._branch(caller, name, timestep)
         signature = (tuple(x.shape), x.dtype)
+        moved, b.program = b.program is not None and program is not b.program, program
         mandatory = (b.signature is None or signature != b.signature or b.epoch != self.epoch
+                     or moved
                      or (in_request and num_steps is not None and b.step >= num_steps)
                      or (not in_request and not timestep < b.last_timestep))
+        permitted = in_request and num_steps is None and b.step in b.lengths
         problems = []
         restarted = step == 0
         if mandatory and not restarted:
@@ -106,7 +146,9 @@ class Contract:
         if restarted or not b.history:
             b.history = [[] for _ in self.model.blocks]
         if restarted:
-            b.step = 0
+            if b.step:
+                b.lengths.add(b.step)
+            b.step, b.finite = 0, True
         elif step != b.step:
             problems.append(f"step {step}, the contract counts {b.step}")
         b.signature, b.epoch, b.last_timestep = signature, self.epoch, timestep
@@ -120,8 +162,12 @@ class Contract:
                    if output.shape == expected.shape else "shape")
             problems.append(f"output differs from the contract's by {err} (mask {mask}, "
                             f"step {step})")
+        must_serve = (self.serves is not None and b.finite and step == b.step
+                      and self.serves(b.step))
+        b.finite = b.finite and bool(torch.isfinite(x).all())
         b.step += 1
-        return Verdict(mandatory, restarted, problems)
+        return Verdict(mandatory, restarted, problems, permitted=permitted,
+                       must_serve=must_serve, served_all=all(mask), served_any=any(mask))
 
     def _evaluate(self, b: BranchModel, x: torch.Tensor, timestep: float, mask: list[bool],
                   problems: list) -> torch.Tensor | None:

@@ -35,11 +35,18 @@ MODULES = _modules()
 
 
 def _imports(name: str, path: pathlib.Path) -> list[tuple[str, list[str], int]]:
-    """(imported module, names taken from it, line) for every import in the file."""
+    """(imported module, names taken from it, line) for every import in the file; in a file
+    that calls ``importlib.import_module``, every string naming a module of the package
+    counts as an import of it (``runtime/__init__.py`` imports its engines by name)."""
     is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text())
+    by_name = any(isinstance(n, ast.Attribute) and n.attr == "import_module"
+                  for n in ast.walk(tree))
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+    for node in ast.walk(tree):
+        if by_name and isinstance(node, ast.Constant) and node.value in MODULES:
+            out.append((node.value, [], node.lineno))
+        elif isinstance(node, ast.Import):
             out += [(a.name, [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -100,16 +107,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _is_package_face(module: str) -> bool:
-    """A package ``__init__`` that only hands names on: importing a submodule runs it, so
-    its edges to its own submodules are not part of the layering."""
-    return MODULES[module].name == "__init__.py"
-
-
 def test_no_import_cycle_at_module_level_or_inside_functions():
-    graph = {m: {d for d in deps if not (_is_package_face(m) and d.startswith(m + "."))}
-             for m, deps in GRAPH.items()}
-    assert _cycles(graph) == []
+    # Package faces included: no module imports the package that imports it (the policy
+    # registry is a module of its own, not the policies package's ``__init__``).
+    assert _cycles(GRAPH) == []
 
 
 def test_the_cycle_check_finds_a_cycle():
@@ -150,9 +151,77 @@ def test_modules_stay_small(name):
     assert lines <= MAX_LINES, f"{MODULES[name].relative_to(ROOT)} has {lines} lines"
 
 
+def _map() -> dict[str, str]:
+    """docs/ARCHITECTURE.md's map: file -> its "may import" cell."""
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text()
+    return {line.split("`")[1]: line.rstrip().rstrip("|").rpartition("|")[2].strip()
+            for line in text.splitlines() if line.startswith("| `") and line.count("`") >= 2}
+
+
 def test_architecture_map_lists_every_module_and_nothing_else():
-    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    listed = {line.split("`")[1] for line in text.splitlines()
-              if line.startswith("| `") and line.count("`") >= 2}
     files = {str(path.relative_to(ROOT)) for path in MODULES.values()}
-    assert listed == files
+    assert set(_map()) == files
+
+
+def _allowed(cell: str) -> list[str]:
+    """The modules a "may import" cell names (see docs/ARCHITECTURE.md: dotted, under
+    ``foresight_compile.``; "nothing" names none)."""
+    if cell == "nothing":
+        return []
+    items = [i.strip() for i in cell.split(",")]
+    return [i if i == "foresight_compile" else f"foresight_compile.{i}" for i in items]
+
+
+def _covers(item: str, module: str) -> bool:
+    """A package's name covers its modules; the root package names its face alone."""
+    return module == item or (item != "foresight_compile" and module.startswith(item + "."))
+
+
+def _may_import_violations(graph: dict[str, set[str]], cells: dict[str, str]) -> list[str]:
+    by_file = {str(path.relative_to(ROOT)): name for name, path in MODULES.items()}
+    bad = []
+    for file, cell in sorted(cells.items()):
+        name = by_file[file]
+        allowed = _allowed(cell)
+        bad += [f"{file}: {item} is not a module or package" for item in allowed
+                if item not in MODULES]
+        deps = graph[name]
+        bad += [f"{file} imports {d}, not on its line ({cell})" for d in sorted(deps)
+                if not any(_covers(item, d) for item in allowed)]
+        bad += [f"{file}: its line names {item}, which it does not import" for item in allowed
+                if not any(_covers(item, d) for d in deps)]
+    return bad
+
+
+def test_every_module_imports_exactly_what_its_may_import_line_says():
+    assert _may_import_violations(GRAPH, _map()) == []
+
+
+def test_the_may_import_check_finds_an_import_off_the_line_and_a_name_not_imported():
+    cells = _map()
+    graph = {name: set(deps) for name, deps in GRAPH.items()}
+    graph["foresight_compile.runtime.policies.basic"].add("foresight_compile.runtime.policies")
+    cells["runtime/policies/foresight.py"] += ", errors"
+    found = _may_import_violations(graph, cells)
+    assert found == [
+        "runtime/policies/basic.py imports foresight_compile.runtime.policies, not on its line "
+        "(runtime.policies.base)",
+        "runtime/policies/foresight.py: its line names foresight_compile.errors, which it "
+        "does not import"]
+
+
+def test_every_document_the_code_cites_is_in_the_repository():
+    """``docs/DESIGN.md section 2``, ``docs/ARCHITECTURE.md``: a cited document exists, under
+    the repository (never a path outside it)."""
+    import re
+
+    cited = re.compile(r"(?<![\w./-])((?:\.\./)*[\w./-]*[A-Z][A-Z_]+\.md)")
+    sources = list(MODULES.values()) + sorted((ROOT / "tests").glob("*.py")) \
+        + sorted((ROOT / "examples").glob("*.py"))
+    bad = []
+    for path in sources:
+        for name in cited.findall(path.read_text()):
+            target = (ROOT / name).resolve()
+            if not target.is_file() or ROOT not in target.parents:
+                bad.append(f"{path.relative_to(ROOT)} cites {name}")
+    assert bad == []

@@ -69,6 +69,9 @@ def test_static_reuse_is_measured_from_the_work_done(report):
 def test_peer_runs_through_its_public_api(report):
     fbc = report.method("fbc(threshold=0.5)")
     assert fbc.error is None and fbc.seconds > 0 and fbc.skipped is not None
+    # The hook really skipped work (a hook that did nothing would report 0 skipped and the
+    # uncached output, PSNR infinite).
+    assert fbc.skipped > 0 and fbc.psnr < float("inf")
     assert fbc.cache_bytes >= 512 * 24 * 4  # measured by the census, as ours: >= 1 activation
     gate = {"method": fbc.name, "max_cache_bytes": fbc.cache_bytes - 1}
     (failed,) = check_report(report, {"gate": [gate]}).failed

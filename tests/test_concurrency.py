@@ -4,7 +4,9 @@ Two threads share one ``torch.compile(transformer, backend="foresight")`` (Induc
 default policy with reuse on) and each runs its own 30-step generation with its own prompt,
 CFG as two unnamed calls per step; with and without ``generation()``. Each output equals
 the same request run alone (<= 1e-6), with the same reuse mask. Memory stays bounded over
-200 requests.
+200 requests. Foresight's ``decision="prefix"`` (scratch tensors between two device ops,
+outside the controller's lock): two requests' decisions forced to interleave there still
+give each its own masks and outputs.
 """
 from __future__ import annotations
 
@@ -133,3 +135,75 @@ def test_memory_stays_bounded_over_200_requests():
     assert len(controller.live_states()) == 0
     per_state = max(sizes) // 2
     assert controller.cache_bytes <= 4 * per_state and max(sizes) <= 6 * per_state
+
+
+PREFIX_STEPS = 8
+PREFIX_OPTIONS = {"policy": "foresight", "decision": "prefix", "warmup": 2,
+                  "recompute_every": 100, "threshold": 1.0, "lowering": "eager", "strict": True}
+
+
+def _prefix_request(fast, kind: str):
+    """One request of ``PREFIX_STEPS`` steps, one call per step. ``still``: the same input
+    every step, so every block's change is 0, its threshold 0, and every block is reused
+    after warmup. ``growing``: an input whose change grows every step, so no block is ever
+    under its threshold and every block computes. A named branch: steps are told apart by
+    the request, not by the (constant) timestep."""
+    x0 = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(5))
+    outs = []
+    with foresight_compile.generation(num_steps=PREFIX_STEPS), foresight_compile.branch("cond"), \
+            torch.no_grad():
+        for s in range(PREFIX_STEPS):
+            x = x0 if kind == "still" else x0 * (1 + s) ** 2
+            outs.append(fast(hidden_states=x, timestep=torch.tensor([500.0]))[0])
+    return torch.stack(outs)
+
+
+def test_prefix_decisions_of_two_concurrent_requests_do_not_mix(monkeypatch):
+    """``decision="prefix"`` needs scratch tensors between ``under.copy_(mask)`` and
+    ``mv``; ``decide`` runs outside the controller's lock. Both requests' decisions are
+    forced to interleave there (a barrier in ``torch.mv``: both copies happen before either
+    product): each request's masks and outputs must still be those it has alone."""
+    torch.manual_seed(0)
+    model = ToyDiT(layers=3).eval()
+    fast = torch.compile(model, backend="foresight", options=PREFIX_OPTIONS)
+    kinds = ("still", "growing")
+    alone, alone_masks = {}, {}
+    for kind in kinds:
+        before = foresight_compile.stats(fast).steps
+        alone[kind] = _prefix_request(fast, kind)
+        (masks,) = _masks_by_generation(fast, before).values()
+        alone_masks[kind] = masks
+    # The two requests decide differently: one reuses every block, the other none.
+    assert any(all(m) for _, m in alone_masks["still"])
+    assert not any(any(m) for _, m in alone_masks["growing"])
+
+    barrier = threading.Barrier(2, timeout=30)
+    mv = torch.mv
+
+    def paired_mv(*args, **kwargs):
+        barrier.wait()  # both requests' scratch copies are done before either product
+        return mv(*args, **kwargs)
+
+    before = foresight_compile.stats(fast).steps
+    results: dict = {}
+    errors: list = []
+
+    def worker(kind):
+        try:
+            results[kind] = _prefix_request(fast, kind)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+            barrier.abort()
+
+    monkeypatch.setattr(torch, "mv", paired_mv)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in kinds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(torch, "mv", mv)
+    assert not errors, errors
+    concurrent = list(_masks_by_generation(fast, before).values())
+    assert sorted(map(str, concurrent)) == sorted(map(str, alone_masks.values()))
+    for kind in kinds:
+        assert (results[kind] - alone[kind]).abs().max().item() <= 1e-6, kind

@@ -7,7 +7,10 @@ calls inside ``generation()`` (with and without ``num_steps``) and outside any r
 ``reset()`` at random points; several threads at once, each with its own sequence; now and
 then a non-finite input. Every call is checked by ``contract.Contract`` (the reference):
 0 stale reuses (no value served from another generation, branch, request, shape or dtype),
-no continued generation where the contract requires a new one, and no crash.
+no continued generation where the contract requires a new one, and no crash (safety); and
+no generation start the contract neither requires nor permits, and every call that the
+``static`` configs' schedule serves served (liveness: a controller that restarts at every
+call, or never serves, fails; the negative controls below prove it).
 
 The default suite runs 200 sequences (a fixed count); the benchmark job's
 ``-m slow`` case runs 2,000 and prints the closing figure.
@@ -37,21 +40,31 @@ CONFIGS = {
     "foresight": {"policy": "foresight", "warmup": 2, "recompute_every": 3, "threshold": 4.0},
 }
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _certain_schedule(options: dict):
+    """The steps a config serves for certain (every block), or None when the policy decides
+    from measured values. ``static`` (FORA-like): every step from the warmup on but every
+    ``recompute_every``-th, stated here from the policy's definition, not from its code."""
+    if options.get("policy") != "static":
+        return None
+    warmup, every = options["warmup"], options["recompute_every"]
+    return lambda step: step >= warmup and (step - warmup) % every != 0
 NAMES = ("cond", "uncond", "extra")
 _LOCAL = threading.local()
 
 
 def _recording_backend(options: dict):
     """The foresight backend (eager lowering), recording in the calling thread what the
-    controller decided for each call: the step index and the mask."""
+    controller decided for each call: the step index, the mask, and which compile (program)
+    ran it."""
     def backend(gm, example_inputs, **_):
         program = ForesightProgram(gm, example_inputs, Options.from_dict(options))
         controller, executor = program.controller, program.executor
 
         def run(*args):
             state = controller.begin(args)
-            _LOCAL.seen = (state.step, list(state.mask))
-            _LOCAL.program = program
+            _LOCAL.seen = (state.step, list(state.mask), program)
             outputs = executor.run(state, args)
             controller.end(state)
             return outputs
@@ -71,7 +84,8 @@ class Models:
             # Every dtype and batch-size class is its own Dynamo compile: room for them all.
             fast = torch.compile(model, backend=_recording_backend(options),
                                  recompile_limit=64, isolate_recompiles=True)
-            self.entries[name] = (model, fast, Options(**options).forecast_order + 1)
+            self.entries[name] = (model, fast, Options(**options).forecast_order + 1,
+                                  _certain_schedule(opts))
 
 
 @dataclasses.dataclass
@@ -92,13 +106,37 @@ class Tally:
     stale: int = 0
     crashes: int = 0
     required_starts: int = 0
-    extra_starts: int = 0
+    permitted_starts: int = 0  # starts the contract permits, not requires (length guess)
+    unexpected_starts: int = 0  # starts the contract neither requires nor permits
+    served: int = 0  # calls that served at least one block
+    required_serves: int = 0  # calls the certain schedule serves
+    missed_serves: int = 0  # ... that computed some block
     problems: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"{self.sequences} sequences, {self.calls} calls, stale reuses {self.stale}, "
                 f"crashes {self.crashes}; generation starts required {self.required_starts}, "
-                f"extra {self.extra_starts}")
+                f"permitted {self.permitted_starts}, unexpected {self.unexpected_starts}; "
+                f"calls served {self.served}, required to serve {self.required_serves}, "
+                f"missed {self.missed_serves}")
+
+    def failures(self) -> list[str]:
+        """What fails the suite: safety (crashes, stale reuses, a required start skipped)
+        and liveness (an unexpected start, a certain serve missed, nothing served)."""
+        found = []
+        if self.crashes:
+            found.append(f"{self.crashes} crashes")
+        if self.stale:
+            found.append(f"{self.stale} calls with stale reuse or a skipped required start")
+        if self.unexpected_starts:
+            found.append(f"{self.unexpected_starts} generation starts neither required nor "
+                         "permitted")
+        if self.missed_serves:
+            found.append(f"{self.missed_serves} of {self.required_serves} calls that must serve "
+                         "computed")
+        if self.calls and not self.served:
+            found.append("nothing was ever served")
+        return found
 
 
 def _script(rng, allow_reset: bool, max_calls: int) -> list[Segment]:
@@ -160,16 +198,26 @@ def _run_script(fast, model, contract: Contract, script, seed: int, tally: Tally
                             tally.crashes += 1
                             tally.problems.append(f"seed {seed}: call ran without the program")
                         return
-                    step, mask = _LOCAL.seen
+                    step, mask, program = _LOCAL.seen
                     verdict = contract.call(caller, seg.request, seg.num_steps, name, x, t,
-                                            step, mask, out)
+                                            step, mask, out, program)
                     with lock:
                         tally.calls += 1
                         tally.required_starts += verdict.mandatory
-                        tally.extra_starts += verdict.restarted and not verdict.mandatory
+                        tally.permitted_starts += (verdict.restarted and verdict.permitted
+                                                   and not verdict.mandatory)
+                        tally.unexpected_starts += verdict.unexpected_start
+                        tally.served += verdict.served_any
+                        tally.required_serves += verdict.must_serve
+                        tally.missed_serves += verdict.missed_serve
                         if verdict.problems:
                             tally.stale += 1
                             tally.problems.append(f"seed {seed} t={t} {name}: {verdict.problems}")
+                        if verdict.unexpected_start:
+                            tally.problems.append(f"seed {seed} t={t} {name}: unexpected start")
+                        if verdict.missed_serve:
+                            tally.problems.append(f"seed {seed} t={t} {name}: step {step} "
+                                                  f"must serve, mask {mask}")
 
 
 def run_sequences(models: Models, count: int, first_seed: int = 0) -> Tally:
@@ -177,10 +225,10 @@ def run_sequences(models: Models, count: int, first_seed: int = 0) -> Tally:
     for seed in range(first_seed, first_seed + count):
         rng = np_rng(seed)
         name = list(CONFIGS)[seed % len(CONFIGS)]
-        model, fast, slots = models.entries[name]
+        model, fast, slots, serves = models.entries[name]
         foresight_compile.reset(fast)
         threads = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
-        contract = Contract(model, slots)
+        contract = Contract(model, slots, serves)
         scripts = [_script(rng, threads == 1, 120 // threads) for _ in range(threads)]
         if threads == 1:
             _run_script(fast, model, contract, scripts[0], seed, tally, lock)
@@ -216,8 +264,45 @@ def _report(capsys, label: str, tally: Tally) -> None:
 def test_random_call_sequences_never_serve_a_stale_value(models, capsys):
     tally = run_sequences(models, 200)  # a fixed count: no clock decides this test
     _report(capsys, "default", tally)
-    assert tally.sequences == 200 and tally.calls > 0
+    assert tally.sequences == 200 and tally.calls > 0 and tally.required_serves > 0
+    assert tally.failures() == [], tally.problems[:5]
+
+
+# Negative controls: broken controllers the suite must fail, on a few sequences (seeds 1-4:
+# each config once, the two static ones among them).
+CONTROL_SEEDS = dict(count=4, first_seed=1)
+
+
+@pytest.mark.shared_dynamo
+def test_a_controller_that_restarts_at_every_call_fails_the_suite(models, monkeypatch):
+    from foresight_compile.runtime.controller import ReuseController
+
+    # A new input signature at every call: every call starts a new generation.
+    monkeypatch.setattr(ReuseController, "_signature", lambda self, args: (object(),))
+    tally = run_sequences(models, **CONTROL_SEEDS)
+    assert tally.crashes == 0 and tally.stale == 0, tally.problems[:5]  # safe, but not live
+    assert tally.unexpected_starts > 0
+    assert any("neither required nor permitted" in f for f in tally.failures())
+
+
+@pytest.mark.shared_dynamo
+def test_a_controller_that_never_serves_fails_the_suite(models, monkeypatch):
+    from foresight_compile.runtime.controller import ReuseController
+
+    begin = ReuseController.begin
+
+    def never_serves(self, args):
+        state = begin(self, args)
+        state.mask = [False] * self.num_blocks
+        return state
+
+    monkeypatch.setattr(ReuseController, "begin", never_serves)
+    tally = run_sequences(models, **CONTROL_SEEDS)
     assert tally.crashes == 0 and tally.stale == 0, tally.problems[:5]
+    assert tally.served == 0 and tally.missed_serves == tally.required_serves > 0
+    assert tally.unexpected_starts == 0
+    assert any("must serve computed" in f for f in tally.failures())
+    assert "nothing was ever served" in tally.failures()
 
 
 @pytest.mark.slow
@@ -226,4 +311,4 @@ def test_two_thousand_random_call_sequences_never_serve_a_stale_value(models, ca
     tally = run_sequences(models, 2000, first_seed=10_000)
     _report(capsys, "benchmark", tally)
     assert tally.sequences == 2000
-    assert tally.crashes == 0 and tally.stale == 0, tally.problems[:5]
+    assert tally.failures() == [], tally.problems[:5]

@@ -7,8 +7,10 @@ from foresight_compile.runtime.policies import available_policies, get_policy, r
 from foresight_compile.runtime.policies.base import MSE, PolicyState
 
 
-def _state(mse, thr):
-    s = PolicyState.allocate(len(mse), torch.device("cpu"))
+def _state(mse, thr, policy=None):
+    """A branch's state as the controller allocates it (the policy's own, with its scratch)."""
+    s = (policy.new_state(len(mse), torch.device("cpu")) if policy is not None
+         else PolicyState.allocate(len(mse), torch.device("cpu")))
     s.metrics[:, MSE] = torch.tensor(mse)
     s.thresholds.copy_(torch.tensor(thr))
     return s
@@ -45,9 +47,9 @@ def test_foresight_per_layer_reuses_blocks_under_their_threshold():
 
 def test_foresight_prefix_skips_up_to_the_deepest_block_under_threshold():
     p = get_policy("foresight")(Options(policy="foresight", decision="prefix"))
-    s = _state([0.1, 0.5, 0.2, 0.9], [0.2, 0.4, 0.3, 0.5])
+    s = _state([0.1, 0.5, 0.2, 0.9], [0.2, 0.4, 0.3, 0.5], p)
     assert _decide(p, s).tolist() == [True, True, True, False]
-    s = _state([0.3, 0.5], [0.2, 0.4])
+    s = _state([0.3, 0.5], [0.2, 0.4], p)
     assert _decide(p, s).tolist() == [False, False]
 
 

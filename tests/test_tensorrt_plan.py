@@ -46,10 +46,6 @@ def test_binding_plan_reads_one_cache_bank_and_writes_the_other(toy):
         assert rows["reuse_mask"] == ("mask", 0, -1) and rows["hidden_states"][2] == -1
     with pytest.raises(ValueError, match="parity must be 0 or 1"):
         plan.bindings(2)
-    # the toy's cache: one (1, 4, 8) float32 tensor per block
-    assert plan.bank_bytes == 3 * 4 * 8 * 4
-    assert plan.static_bytes == (32 + 1 + 32 + 3 * 5) * 4 + 3  # inputs, output, stats [3, 5], mask
-    assert plan.bytes_for(2) == plan.static_bytes + 4 * plan.bank_bytes
 
 
 def test_change_metric_nodes_are_tagged_only_inside_compute_branches(toy):

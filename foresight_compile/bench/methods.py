@@ -129,7 +129,7 @@ _SWEEPABLE = {"threshold": ("foresight", "fbc", "magcache", "cache-dit"),
 
 def _ours() -> tuple[str, ...]:
     """Our policies: the built-in ones and any registered since (tests add TESTING_ONLY ones)."""
-    from foresight_compile.runtime.policies import available_policies
+    from foresight_compile.runtime.policies.registry import available_policies
 
     return OURS + tuple(p for p in available_policies() if p not in OURS)
 

@@ -42,7 +42,7 @@ from foresight_compile.passes.inputs import find_latent_input, find_timestep_inp
 from foresight_compile.passes.onnx_rewrites import rewrite_for_onnx
 from foresight_compile.passes.partition import partition_blocks
 from foresight_compile.passes.region import collapse_region, region_exit
-from foresight_compile.runtime.policies import get_policy
+from foresight_compile.runtime.policies.registry import get_policy
 from foresight_compile.runtime.engines.manifest import (
     MASK_NAME, METRIC_NODE_PREFIX, RESERVED_NAMES, STATS_NAME, WEIGHTS_NAME, CacheSpec, Manifest,
     ManifestMismatchError, TensorSpec, check_against_manifest, dtype_name, manifest_path_for,

@@ -2,9 +2,8 @@
 
 Each factory returns a ``SmallDiT``: the model, its latent shape, and how to build one
 forward call's keyword arguments. ``wan``/``cogvideox``/``latte`` have random weights, in
-the configurations measured in ``shared/FACTS.md`` (``layers`` deepens them);
-``tiny_video_workload`` is the trained Wan shipped with the package (``models/tiny_video/``), the one to quote
-fidelity figures on.
+small fixed configurations (``layers`` deepens them); ``tiny_video_workload`` is the trained
+Wan shipped with the package (``models/tiny_video/``), the one to quote fidelity figures on.
 """
 from __future__ import annotations
 

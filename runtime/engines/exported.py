@@ -31,7 +31,7 @@ from foresight_compile.runtime.controller import ReuseController
 from foresight_compile.runtime.engines.manifest import Manifest, binding_plan, torch_dtype
 from foresight_compile.runtime.executor import Executor
 from foresight_compile.runtime.staging import HostToDevice
-from foresight_compile.runtime.policies import get_policy
+from foresight_compile.runtime.policies.registry import get_policy
 from foresight_compile.runtime.report import Stats
 from foresight_compile.runtime.state import BranchState
 

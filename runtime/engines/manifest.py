@@ -330,19 +330,6 @@ class BindingPlan:
         rows += [(n, "cache_out", k, 1 - parity) for k, n in enumerate(self.cache_outputs)]
         return tuple(rows)
 
-    @property
-    def static_bytes(self) -> int:
-        weights = () if self.weights is None else (self.weights,)
-        return sum(s.nbytes for s in (*self.inputs, self.mask, *weights, *self.outputs, self.stats))
-
-    @property
-    def bank_bytes(self) -> int:
-        return sum(s.nbytes for s in self.caches)
-
-    def bytes_for(self, branches: int) -> int:
-        """Device bytes of every engine buffer for ``branches`` CFG branches."""
-        return self.static_bytes + 2 * self.bank_bytes * branches
-
 
 def binding_plan(manifest: Manifest) -> BindingPlan:
     return BindingPlan(inputs=manifest.inputs, mask=manifest.reuse_mask, outputs=manifest.outputs,

@@ -44,6 +44,9 @@ class PolicyState:
     thresholds: torch.Tensor  # float32 [L]
     aux: torch.Tensor  # float32 [ROW_STRIDE]: a policy's own device state
     flags: torch.Tensor  # bool [ROW_STRIDE]: a policy's own device flags
+    # A policy's own preallocated scratch tensors (``ReusePolicy.new_state``): per branch,
+    # so that concurrent requests never write each other's (``decide`` runs outside any lock).
+    scratch: tuple[torch.Tensor, ...] = ()
     raw: torch.Tensor = dataclasses.field(init=False)  # [L, RAW] (view)
     sums: torch.Tensor = dataclasses.field(init=False)  # [L, RAW] (view): the group's totals
     probe: torch.Tensor = dataclasses.field(init=False)  # [2] (view of aux)
@@ -109,6 +112,13 @@ class ReusePolicy:
 
     def __init__(self, options) -> None:
         self.options = options
+
+    def new_state(self, num_blocks: int, device: torch.device) -> PolicyState:
+        """The device state of one branch (allocated once, when the branch is created). A
+        policy that needs scratch tensors in its hooks allocates them here, in
+        ``PolicyState.scratch``: a policy object is shared by every request and branch of a
+        compiled graph, so nothing it writes per step may live on the policy itself."""
+        return PolicyState.allocate(num_blocks, device)
 
     def computes_all(self, step: int, warmup: int | None, total: int | None = None,
                      run: int = 0) -> bool:

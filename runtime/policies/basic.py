@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from foresight_compile.runtime.policies import register_policy
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
 
-@register_policy("none")
 class NoReuse(ReusePolicy):
     """Never reuse: the overhead and equivalence baseline."""
 
+    name = "none"
     needs_cache = False
 
     def computes_all(self, step: int, warmup: int | None, total: int | None = None,
@@ -21,9 +20,10 @@ class NoReuse(ReusePolicy):
         out.fill_(False)
 
 
-@register_policy("static")
 class StaticReuse(ReusePolicy):
     """Compute every block on steps ``s < W`` and ``(s - W) % N == 0``; reuse all otherwise."""
+
+    name = "static"
 
     def computes_all(self, step: int, warmup: int | None, total: int | None = None,
                      run: int = 0) -> bool:

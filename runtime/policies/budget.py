@@ -38,7 +38,6 @@ import math
 
 import torch
 
-from foresight_compile.runtime.policies import register_policy
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
 TAIL = 2
@@ -54,8 +53,8 @@ RHO_SCALE = 50.0
 _DIFF, _NORM, _RATE, _ACC, _EST, _RHO, _TMP, _FULL, _NEAR = 0, 1, 2, 3, 4, 6, 7, 8, 9
 
 
-@register_policy("budget")
 class BudgetReuse(ReusePolicy):
+    name = "budget"
     needs_metric = False
     needs_latent_change = True
     step_level = True

@@ -1,4 +1,4 @@
-"""Foresight adaptive reuse (Adnan et al., arXiv 2506.00329), as DESIGN.md section 3 states it.
+"""Foresight adaptive reuse (Adnan et al., arXiv 2506.00329), as docs/DESIGN.md section 3 states it.
 
 * Steps ``0..W-1`` compute every block; at step ``W-1`` the threshold of block ``l`` is
   ``lambda * MSE(out_l(W-1), out_l(W-2))``.
@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import torch
 
-from foresight_compile.runtime.policies import register_policy
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
 
-@register_policy("foresight")
 class ForesightReuse(ReusePolicy):
+    name = "foresight"
     needs_metric = True
 
-    def __init__(self, options) -> None:
-        super().__init__(options)
-        # prefix: reuse l iff some block at depth >= l is under its threshold, i.e.
-        # (upper-triangular ones @ under) > 0; made once per device and block count.
-        self._prefix: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    def new_state(self, num_blocks: int, device: torch.device) -> PolicyState:
+        state = super().new_state(num_blocks, device)
+        if self.options.decision == "prefix":
+            # prefix: reuse l iff some block at depth >= l is under its threshold, i.e.
+            # (upper-triangular ones @ under) > 0. The scratch is the branch's own: requests
+            # decide concurrently, outside the controller's lock.
+            state.scratch = (torch.ones(num_blocks, num_blocks, device=device).triu(),
+                             torch.zeros(num_blocks, device=device),
+                             torch.zeros(num_blocks, device=device))
+        return state
 
     def computes_all(self, step: int, warmup: int | None, total: int | None = None,
                      run: int = 0) -> bool:
@@ -38,13 +42,7 @@ class ForesightReuse(ReusePolicy):
         torch.le(state.mse, state.thresholds, out=out)
         if self.options.decision == "per_layer":
             return
-        key = (out.device, out.shape[0])
-        if key not in self._prefix:
-            n = out.shape[0]
-            self._prefix[key] = (torch.ones(n, n, device=out.device).triu(),
-                                 torch.zeros(n, device=out.device),
-                                 torch.zeros(n, device=out.device))
-        upper, under, count = self._prefix[key]
+        upper, under, count = state.scratch  # new_state's, this branch's own
         under.copy_(out)
         torch.mv(upper, under, out=count)
         torch.gt(count, 0.5, out=out)

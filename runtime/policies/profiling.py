@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from foresight_compile.errors import ForesightValueError
-from foresight_compile.runtime.policies import register_policy
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 from foresight_compile.runtime.policies.profile import BlockProfile
 
@@ -34,8 +33,8 @@ def refresh_steps(warmup: int, total: int | None, interval_max: int, interval_mi
     return steps
 
 
-@register_policy("profiling")
 class ProfilingReuse(ReusePolicy):
+    name = "profiling"
     def __init__(self, options) -> None:
         super().__init__(options)
         profile = options.profile

@@ -1,6 +1,6 @@
 """A small trained video DiT that ships with the project, so fidelity figures mean something.
 
-Random-weight models lack the step-to-step dynamics of trained ones (DESIGN.md §4). The
+Random-weight models lack the step-to-step dynamics of trained ones (docs/DESIGN.md section 4). The
 shipped model (``foresight_compile/assets/tiny_video_dit/``) is described in four modules:
 ``data`` (procedural clips and prompts), ``model`` (the Wan subclass, its prompt encoder,
 loading), ``sampler`` (a diffusers flow-matching loop) and ``evaluation`` (colour and
