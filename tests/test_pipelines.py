@@ -97,3 +97,58 @@ def test_optimize_validates_options_before_compiling():
     with pytest.raises(ValueError, match="'treshold'"):
         optimize(pipe, treshold=0.5)
     assert not isinstance(pipe.transformer, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def wan22_pipe():
+    """Wan 2.2's A14B layout: a high-noise `transformer` and a low-noise `transformer_2`
+    (different weights, one class), switching at boundary_ratio * 1000."""
+    high, low = models.wan(layers=2, seed=0).model, models.wan(layers=2, seed=1).model
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=high,
+                                 transformer_2=low, boundary_ratio=0.875,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    text = dict(prompt_embeds=torch.randn(1, 12, 16), negative_prompt_embeds=torch.randn(1, 12, 16))
+    return pipe, lambda steps: pipe(**text, height=32, width=32, num_frames=9,
+                                    num_inference_steps=steps, guidance_scale=5.0, output_type="pt",
+                                    generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_wan22_two_experts_each_compiled_with_its_own_generation():
+    torch.manual_seed(0)
+    pipe, run = wan22_pipe()
+    reference = run(30)
+    timesteps = pipe.scheduler.timesteps
+    high = int((timesteps >= 0.875 * 1000).sum())
+    assert 0 < high < 30
+    steps = {"transformer": high, "transformer_2": 30 - high}  # what each expert serves
+    originals = {n: getattr(pipe, n) for n in steps}
+    optimize(pipe, policy="none", lowering="eager")
+    for name in steps:
+        assert isinstance(getattr(pipe, name), torch._dynamo.eval_frame.OptimizedModule)
+    out = run(30)
+    assert float((out - reference).norm() / reference.norm()) <= 1e-5
+    restore(pipe)
+    assert all(getattr(pipe, n) is m for n, m in originals.items())
+    assert all("cache_context" not in vars(m) for m in originals.values())
+    assert torch.equal(run(30), reference)
+
+    torch._dynamo.reset()
+    optimize(pipe, lowering="eager")  # the default policy
+    run(30)
+    report = foresight_compile.stats(pipe)
+    assert isinstance(report, foresight_compile.PipelineStats) and list(report) == list(steps)
+    for name, n in steps.items():
+        s = report[name]
+        assert s.steps == 2 * n  # cond + uncond per step, on its own controller
+        assert set(s.step) == set(range(n)) and len(set(s.generation)) == 1
+        assert s.reused_fraction > 0, name
+        tail = [m for m, st in zip(s.mask, s.step) if st >= n - 2]
+        assert not any(any(m) for m in tail)  # the tail of each expert's own generation
+    assert foresight_compile.stats(pipe.transformer_2).steps == 2 * steps["transformer_2"]
+    assert 0 < report.reused_fraction < 1
+    foresight_compile.reset(pipe, clear_stats=True)
+    assert all(s.steps == 0 for s in foresight_compile.stats(pipe).values())
+    restore(pipe)
+    assert all(getattr(pipe, n) is m for n, m in originals.items())
