@@ -152,3 +152,42 @@ def test_wan22_two_experts_each_compiled_with_its_own_generation():
     assert all(s.steps == 0 for s in foresight_compile.stats(pipe).values())
     restore(pipe)
     assert all(getattr(pipe, n) is m for n, m in originals.items())
+
+
+class _TwoExpertsNoBoundary:
+    """A pipeline whose second expert takes over after `switch` steps, with no
+    boundary_ratio to read: each expert's step count is learned from the call before."""
+
+    def __init__(self, switch: int):
+        self.transformer = models.wan(layers=2, seed=0).model
+        self.transformer_2 = models.wan(layers=2, seed=1).model
+        self.switch = switch
+        self.text = torch.randn(1, 12, 16)
+
+    @property
+    def components(self):
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    @torch.no_grad()
+    def __call__(self, num_inference_steps: int = 8):
+        x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+        for i in range(num_inference_steps):
+            model = self.transformer if i < self.switch else self.transformer_2
+            t = torch.tensor([1000.0 * (1 - i / num_inference_steps)])
+            x = x - 0.1 * model(hidden_states=x, timestep=t, encoder_hidden_states=self.text,
+                                return_dict=False)[0]
+        return x
+
+
+def test_expert_steps_without_a_boundary_are_learned_from_the_previous_call():
+    pipe = _TwoExpertsNoBoundary(switch=3)
+    optimize(pipe, policy="static", lowering="eager", warmup=0.34, recompute_every=100)
+    pipe(num_inference_steps=10)  # first call: each expert assumes the pipeline's 10 steps
+    foresight_compile.reset(pipe, clear_stats=True)
+    pipe(num_inference_steps=10)  # now: 3 and 7 steps, warm-up a third of each
+    s = foresight_compile.stats(pipe)
+    assert s["transformer"].step == [0, 1, 2] and s["transformer_2"].step == list(range(7))
+    # static: computes up to and at the warmup step, then serves (warmup 1 of 3, 2 of 7)
+    assert [any(m) for m in s["transformer"].mask] == [False, False, True]
+    assert [any(m) for m in s["transformer_2"].mask] == [False] * 3 + [True] * 4
+    restore(pipe)
