@@ -145,7 +145,7 @@ def allegro():
 CASES = {"wan": wan, "wan22": wan22, "cogvideox": cogvideox, "latte": latte, "flux": flux,
          "sd3": sd3, "hunyuan_video": hunyuan_video, "ltx": ltx, "skyreels_v2": skyreels_v2,
          "qwenimage": qwenimage, "allegro": allegro}
-QUICK = ("sd3",)  # Wan and Wan 2.2 run in the default suite in test_pipelines.py
+QUICK = ("sd3", "ltx", "skyreels_v2", "cogvideox")  # ~3-6 s each; Wan, Wan 2.2: test_pipelines.py
 
 
 def check(name: str) -> dict:
