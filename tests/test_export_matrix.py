@@ -160,3 +160,31 @@ def test_allegro_exports_with_its_pipelines_inputs(tmp_path):
     assert engine.stats().mask == torch_stats.mask and torch_stats.reused_fraction > 0
     assert rel_err(got, expected) <= 1e-3, rel_err(got, expected)
     torch._dynamo.reset()
+
+
+CAPTURED = ("wan", "latte", "flux", "sd3", "hunyuan_video", "ltx", "skyreels_v2", "qwenimage",
+            "cogvideox")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
+        "at a size other than its config's sample size, CogVideoX builds its positional "
+        "embedding with `.data[...].copy_`, which the export drops: the ONNX model is wrong "
+        "(rel ~0.57); at the sample size it exports exactly (the matrix above)")))
+    if n == "cogvideox" else n for n in CAPTURED])
+def test_family_exports_with_the_inputs_its_pipeline_passes(name, tmp_path):
+    """The transformer's keyword arguments captured from the diffusers pipeline's own call
+    (``tests/test_pipeline_matrix.py``'s tiny pipelines), exported with reuse off: one
+    evaluation in onnxruntime equals torch."""
+    from test_pipeline_matrix import CASES
+    case = CASES[name]()
+    kwargs = pipeline_inputs(case.pipe, **case.call, num_inference_steps=2,
+                             generator=torch.Generator().manual_seed(0))
+    model = case.pipe.transformer
+    exported = foresight_compile.export_onnx(model, kwargs, tmp_path / f"{name}.onnx",
+                                             policy="none")
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    got = OrtEngine(exported.onnx_path, policy="none")(**kwargs)[0]
+    assert rel_err(got, expected) <= 1e-4, rel_err(got, expected)
