@@ -11,7 +11,7 @@ integration ``optimize(pipe)``, ``prepare_parallel(model)`` for diffusers' conte
 parallelism (``enable_parallelism``), and the production exports: ``export_onnx`` (one ONNX ``If``
 per block) and ``export_tensorrt`` (a TensorRT engine from that ONNX model).
 """
-from foresight_compile.api import Stats, branch, generation, reset, stats
+from foresight_compile.api import PipelineStats, Stats, branch, generation, reset, stats
 from foresight_compile.backend import ForesightFallbackWarning, foresight_backend
 from foresight_compile.errors import (BlockDiscoveryError, ForesightError,
                                       ForesightValueError, NotCompiledError)
@@ -26,7 +26,7 @@ from foresight_compile.version import __version__
 
 __all__ = ["stats", "reset", "explain", "Explanation", "plan_cache", "CachePlan", "generation", "branch", "optimize",
            "restore", "prepare_parallel",
-           "calibrated_profile", "profile_blocks", "BlockProfile", "Stats", "Options",
+           "calibrated_profile", "profile_blocks", "BlockProfile", "Stats", "PipelineStats", "Options",
            "foresight_backend", "ForesightError", "ForesightValueError", "BlockDiscoveryError",
            "NotCompiledError", "ForesightFallbackWarning", "export_onnx", "export_tensorrt",
            "__version__"]

@@ -5,7 +5,8 @@
 ``model.compile(...)``): before its first call ``stats`` reports nothing compiled yet and
 ``reset`` does nothing; on a model the backend could not cache (it fell back to plain
 Inductor) ``stats`` says it is not accelerated and why (the warning's reason). Only a model
-that was never compiled raises ``NotCompiledError``."""
+that was never compiled raises ``NotCompiledError``. On a pipeline ``optimize``d, ``stats``
+reports per denoiser (``PipelineStats``) and ``reset`` resets them all."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,10 @@ from foresight_compile.program import ForesightProgram, fallbacks_of, programs_o
 from foresight_compile.runtime.context import call_context, request_context
 from foresight_compile.runtime.report import Stats
 
-__all__ = ["Stats", "stats", "reset", "generation", "branch"]
+__all__ = ["Stats", "PipelineStats", "stats", "reset", "generation", "branch"]
+
+# The attribute ``optimize(pipe)`` keeps its state in (``denoisers``: name -> module).
+PIPELINE_STATE = "_foresight_optimized"
 
 
 NOT_YET = ("nothing compiled yet: the backend compiles at the model's first call (a model "
@@ -41,11 +45,40 @@ def _programs(model: torch.nn.Module) -> list[ForesightProgram]:
     return found
 
 
-def stats(model: torch.nn.Module) -> Stats:
-    """Reuse statistics of ``model`` (the compiled module or the original one).
+class PipelineStats(dict):
+    """``stats(pipe)`` of an ``optimize``d pipeline: denoiser name -> its ``Stats``
+    (``transformer``, ``transformer_2``, ...)."""
+
+    @property
+    def reused_fraction(self) -> float:
+        """Over every denoiser: reused block evaluations / all block evaluations."""
+        done = [(s.reused_fraction, s.steps * len(s.blocks)) for s in self.values() if s.accelerated]
+        total = sum(n for _, n in done)
+        return sum(f * n for f, n in done) / total if total else 0.0
+
+    def __str__(self) -> str:
+        return "\n".join(f"{name}: {s}" for name, s in self.items())
+
+
+def _denoisers(obj) -> dict | None:
+    """An ``optimize``d pipeline's denoisers, or None for anything else."""
+    if isinstance(obj, torch.nn.Module):
+        return None
+    state = getattr(obj, PIPELINE_STATE, None)
+    return None if state is None else state.denoisers
+
+
+def stats(model) -> Stats | PipelineStats:
+    """Reuse statistics of ``model`` (the compiled module or the original one), or of each
+    denoiser of an ``optimize``d pipeline (``PipelineStats``).
 
     ``accelerated`` is False, with the ``reason``, when no graph of the model holds a
     cacheable block stack (the fallback's reason), or before the first call."""
+    denoisers = _denoisers(model)
+    if denoisers is not None:
+        return PipelineStats({name: stats(m) if programs_of(m) or _is_compiled(m) or fallbacks_of(m)
+                              else Stats.not_accelerated(NOT_YET, "unknown")
+                              for name, m in denoisers.items()})
     programs = _programs(model)
     if not programs:
         fallbacks = fallbacks_of(model)
@@ -87,5 +120,11 @@ def reset(model: torch.nn.Module, clear_stats: bool = False) -> None:
 
     ``clear_stats=True`` also empties what ``stats()`` reports. Before the first call, or
     on a model that fell back, there is nothing to reset."""
+    denoisers = _denoisers(model)
+    if denoisers is not None:
+        for m in denoisers.values():
+            if programs_of(m):
+                reset(m, clear_stats)
+        return
     for p in _programs(model):
         p.controller.reset(clear_stats)

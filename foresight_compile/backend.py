@@ -17,6 +17,7 @@ import torch.fx as fx
 from foresight_compile.errors import BlockDiscoveryError, ForesightValueError, surfaced
 from foresight_compile.options import Options
 from foresight_compile.passes.collectives import group_names
+from foresight_compile.parallel import prepare_on_stack
 from foresight_compile.program import ForesightProgram, record_fallback
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,14 @@ def foresight_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                 f"foresight_compile.prepare_parallel(model) after enable_parallelism and "
                 f"before the first call; TORCH_LOGS=graph_breaks shows where Dynamo split "
                 f"the model)")
-        if opts.strict:
+        late = prepare_on_stack()  # diffusers' enable_parallelism without prepare_parallel
+        if late:
+            e = BlockDiscoveryError(
+                f"{e} (a caller had diffusers' context-parallel hooks not prepared for "
+                f"tracing: foresight_compile.prepare_parallel(model) was applied now, so "
+                f"later calls trace the model whole; call it after enable_parallelism to "
+                f"reuse from the first call)")
+        if opts.strict and not late:
             raise surfaced(e) from None
         reason = f"{e}{graph_break_note(gm)}"
         record_fallback(example_inputs, reason, opts.policy)

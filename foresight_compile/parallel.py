@@ -20,10 +20,19 @@ e.g. Wan 2.1's 1-D timestep) to ``torch._dynamo.config.ignore_logging_functions`
 logger's ``warning_once`` only, nothing else is silenced. Both are idempotent and do
 nothing to a model without context-parallel hooks. Models whose planned inputs are all
 keyword arguments (Flux, LTX) trace in one graph without it.
+
+Without the call (``enable_parallelism`` then ``torch.compile(model, backend="foresight")``),
+the backend does it at the model's first call: the first graph that would fall back looks
+for a module with unprepared split hooks among the callers on the Python stack (the model's
+``forward``, running eagerly because Dynamo skipped it), prepares it and clears Dynamo's
+cache of that class's ``forward`` code only (``prepare_on_stack``), so the next call traces
+the model whole. That first call runs without block reuse.
 """
 from __future__ import annotations
 
 import inspect
+import sys
+import weakref
 from typing import Callable
 
 import torch
@@ -63,6 +72,51 @@ def prepare_parallel(model: torch.nn.Module) -> int:
         from diffusers.hooks import context_parallel
         torch._dynamo.config.ignore_logging_functions.add(context_parallel.logger.warning_once)
     return len(hooks)
+
+
+# Models prepared by the backend at their first call (their first call's graphs fall back).
+_PREPARED_LATE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _unprepared(module: torch.nn.Module) -> bool:
+    return any(h.module_forward_metadata is not None
+               and h.module_forward_metadata.cached_parameter_indices is None
+               for h in _split_hooks(module))
+
+
+def prepare_on_stack() -> bool:
+    """Called by the backend before a graph falls back: the outermost module among the
+    callers (a frame's ``self``) with context-parallel split hooks not yet prepared is
+    prepared (``prepare_parallel``), and Dynamo's cache of its class's own ``forward``
+    code (the frame Dynamo skipped at the split hook's graph break) is cleared, so its next
+    call is traced in one graph. True when a caller was prepared so (now or before)."""
+    if "diffusers.hooks.context_parallel" not in sys.modules:  # no model was parallelized
+        return False
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    selves = []
+    for frame in reversed(frames):  # outermost first
+        module = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == ("self",) else None
+        module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: its model
+        if isinstance(module, torch.nn.Module) and all(module is not m for m in selves):
+            selves.append(module)
+    if any(m in _PREPARED_LATE for m in selves):
+        return True
+    for module in selves:
+        if not (hasattr(module, "_diffusers_hook") or _split_hooks(module)) or not _unprepared(module):
+            continue
+        prepare_parallel(module)
+        from torch._dynamo.eval_frame import reset_code
+        for cls in type(module).__mro__:
+            forward = cls.__dict__.get("forward")
+            if cls.__module__.startswith("torch.") or getattr(forward, "__code__", None) is None:
+                continue
+            reset_code(forward.__code__)
+        _PREPARED_LATE.add(module)
+        return True
+    return False
 
 
 def metric_reduction(stack: BlockStack, compiler: SegmentCompiler,

@@ -30,6 +30,11 @@ contiguous tensor at the end of the compute branch: HunyuanVideo and SkyReels-V2
 patch embedding's ``flatten(2).transpose(1, 2)`` layout through every block, Flux's single
 blocks return ``[:, :text_len]`` / ``[:, text_len:]`` slices of their joint sequence.
 
+``cond`` also refuses operands that alias each other or a branch output that aliases an
+operand: operands sharing a storage (Allegro's inputs as ``AllegroPipeline`` builds them)
+are passed as copies after the first, and a block output that is (a view of) one of its
+inputs is copied at the end of the compute branch.
+
 Assumes ``segmented`` came from ``partition_blocks``; it is not modified (the new graph
 is built on copies of its submodules).
 """
@@ -168,6 +173,47 @@ def _aliased_segment_outputs(src: fx.GraphModule, block_names: set[str]) -> set[
     return aliased
 
 
+def _example(node) -> object:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _storage(value):
+    from torch.multiprocessing.reductions import StorageWeakRef
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except (NotImplementedError, RuntimeError):  # a tensor without storage
+        return None
+
+
+def _distinct(graph: fx.Graph, operands: list, sources: list) -> list:
+    """``cond`` refuses operands that alias each other: a tensor passed twice, or views of
+    one tensor passed apart (Allegro's rotary positions: ``grid_t, grid_h, grid_w = pos``,
+    as ``AllegroPipeline`` builds them). Every operand after the first of its storage is
+    passed as a copy (``sources``: the original graph's nodes, for their example values)."""
+    seen, out = set(), []
+    for operand, source in zip(operands, sources):
+        key = _storage(_example(source))
+        if key is not None and key in seen:
+            operand = graph.call_method("clone", (operand,))
+        elif key is not None:
+            seen.add(key)
+        out.append(operand)
+    return out
+
+
+def _aliases_an_input(block: fx.GraphModule, output) -> bool:
+    """True when a block output is one of the block's inputs, or shares its storage (an
+    input passed through unchanged, or a view of one): a ``cond`` branch may not return
+    its operand, so the compute branch returns a copy."""
+    key = _storage(_example(output))
+    if key is None:
+        return isinstance(output, fx.Node) and output.op == "placeholder"
+    return any((other := _storage(_example(p))) is not None and other == key
+               for p in block.graph.find_nodes(op="placeholder"))
+
+
 def insert_cache_branches(segmented: Segmented, in_place: bool = False, slots: int = 1,
                           units: Sequence[int] | None = None) -> fx.GraphModule:
     """``units[u]``: the block index (in the reuse mask, the caches' names and the rows) of
@@ -210,7 +256,7 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False, slots: i
             sub = src.get_submodule(node.target)
             sub_out = next(iter(sub.graph.find_nodes(op="output"))).args[0]
             dense = tuple(needs_dense_copy(o.meta.get("example_value", o.meta.get("val")))
-                          for o in sub_out)
+                          or _aliases_an_input(sub, o) for o in sub_out)
             if in_place:
                 setattr(root, f"compute_{l}", _in_place_branch(n, len(node.args),
                                                                with_cache_update(sub, n), dense))
@@ -232,7 +278,8 @@ def insert_cache_branches(segmented: Segmented, in_place: bool = False, slots: i
                 state = (*caches[node.target], weights)
             else:
                 state = tuple(caches[node.target])
-            operands = (*state, *[unaliased.get(a, env[a]) for a in node.args])
+            operands = (*state, *_distinct(graph, [unaliased.get(a, env[a]) for a in node.args],
+                                           list(node.args)))
             result = graph.call_function(torch.ops.higher_order.cond, (pred, reuse, compute, operands))
             env[node] = result
             if in_place:

@@ -301,3 +301,45 @@ def test_data_parallel_replicas_are_not_coupled():
         total = raw0 + raw1  # the pair's rows only: nothing of ranks 2 and 3
         total[:, BAD].clamp_(max=1.0)
         assert torch.allclose(sums0, total, rtol=1e-6, atol=0)
+
+
+def _no_ritual(rank: int, world: int, steps: int):
+    """``enable_parallelism`` then ``torch.compile`` with no ``prepare_parallel`` call: the
+    backend prepares the hooks at the first call (which runs without reuse), and later calls
+    trace the model whole."""
+    import warnings
+    from diffusers import ContextParallelConfig
+    from foresight_compile.models import families
+    fam = families.get("wan", layers=LAYERS["wan"])
+    reference = models.denoise(fam.model, fam, steps)
+    fam.model.set_attention_backend("native")
+    fam.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    out = {}
+    for policy in ("none", "budget"):
+        torch._dynamo.reset()
+        before = {id(p) for p in programs_of(fam.model)}
+        fast = torch.compile(fam.model, backend="foresight",
+                             options={"policy": policy, "num_steps": steps, "lowering": "eager"})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            models.denoise(fast, fam, 1)  # the first call ("none": prepared here)
+        result = models.denoise(fast, fam, steps)
+        (program,) = [p for p in programs_of(fam.model) if id(p) not in before]
+        out[policy] = (result, program.controller.rows().mask, program.block_paths,
+                       [str(w.message) for w in caught])
+    return dict(reference=reference, **out)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_parallel_model_compiled_without_prepare_parallel_reuses_after_its_first_call():
+    ranks = spawn_ranks(_no_ritual, 2, 16, timeout_s=900, pg_timeout_s=120)
+    for r in ranks:
+        exact, _, blocks, caught = r["none"]
+        assert blocks == [f"blocks.{i}" for i in range(LAYERS["wan"])]
+        assert any("prepare_parallel" in w for w in caught)  # the first call says what it did
+        assert _rel(exact, r["reference"]) <= 1e-5
+        _, mask, _, _ = r["budget"]
+        assert any(all(m) for m in mask), "nothing was reused"
+    assert ranks[0]["budget"][1] == ranks[1]["budget"][1]  # one mask on both ranks
+    assert torch.equal(ranks[0]["budget"][0], ranks[1]["budget"][0])
