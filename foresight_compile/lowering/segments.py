@@ -13,6 +13,10 @@ values (symbolic sizes of Dynamo's ShapeEnv), keyed by graph structure and *symb
 metadata, and never unbound: the code serves every size Dynamo's guards admit, and the
 guards Inductor adds while compiling land in Dynamo's ShapeEnv, so Dynamo installs them
 (a size the code cannot serve recompiles the frame, visibly, instead of running wrong).
+
+A failure to compile a segment, or of a segment's first run after it was bound to code,
+raises ``SegmentCompileError`` (the cause chained): the program falls back to plain
+Inductor for the graph (``plain_inductor``) instead of failing where Inductor works.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+
+from foresight_compile.errors import SegmentCompileError, describe, dynamo_control
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +168,48 @@ class SegmentCompiler:
         with self._lock:
             fn = self._compiled.get(key)
             if fn is None:
-                from torch._inductor.compile_fx import compile_fx
                 start = time.perf_counter()
-                # The segment is only ever called with inputs of the metadata in ``key``
-                # (shapes, strides, dtypes), so Inductor's per-input asserts are redundant.
-                compiled = compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
+                try:
+                    compiled = self.compile(gm, args)
+                except Exception as e:
+                    if dynamo_control(e):
+                        raise
+                    raise SegmentCompileError(
+                        f"compiling a segment failed: {describe(e)}") from e
                 self.compile_seconds += time.perf_counter() - start
                 self.compiles += 1
                 fn = self._compiled[key] = compiled
                 log.debug("compiled a segment (%d distinct so far)", self.compiles)
         return fn
+
+    def compile(self, gm: fx.GraphModule, args) -> Callable:
+        """Inductor's code for ``gm`` at ``args`` (the one place a segment is compiled)."""
+        from torch._inductor.compile_fx import compile_fx
+
+        # The segment is only ever called with inputs of the metadata in its key (shapes,
+        # strides, dtypes), so Inductor's per-input asserts are redundant.
+        return compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
+
+
+def plain_inductor(gm: fx.GraphModule) -> Callable:
+    """``gm`` whole, compiled by plain Inductor at call time, once per distinct input
+    metadata (the fallback of a program whose segments failed after the backend returned:
+    real inputs, no shape environment left, so one compile per size, each exact)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    compiled: dict[tuple, Callable] = {}
+    lock = threading.Lock()
+
+    def run(*args):
+        key = _args_key(args)
+        fn = compiled.get(key)
+        if fn is None:
+            with lock:
+                fn = compiled.get(key)
+                if fn is None:
+                    fn = compiled[key] = compile_fx(gm, list(args))
+        return fn(*args)
+    return run
 
 
 class Segment:
@@ -196,7 +234,12 @@ class Segment:
 
     def __call__(self, *args):
         fn = self.fn
-        if fn is None:
-            fn = self.fn = self._compiler.compiled((self.graph_key, _args_key(args)), self.gm,
-                                                   args)
-        return fn(*args)
+        if fn is not None:
+            return fn(*args)
+        fn = self.fn = self._compiler.compiled((self.graph_key, _args_key(args)), self.gm, args)
+        try:
+            return fn(*args)
+        except Exception as e:  # the first run of freshly bound code: ours, not the model's
+            self.fn = None
+            raise SegmentCompileError(f"the first run of a compiled segment failed: "
+                                      f"{describe(e)}") from e
