@@ -85,6 +85,8 @@ def _backend_fake(value: Any) -> Any:
     fails (GuardOnDataDependentSymNode). Converting here keeps the backed SymFloat."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if isinstance(value, torch.SymInt):
+        return _canonical_symint(value)
     if not isinstance(value, FakeTensor):
         return value
     context = torch._guards.TracingContext.try_get()
@@ -95,6 +97,23 @@ def _backend_fake(value: Any) -> Any:
     if value.item_memo is not None and fake.item_memo is None:
         fake.item_memo = value.item_memo
     return fake
+
+
+def _canonical_symint(value: torch.SymInt) -> torch.SymInt:
+    """A size placeholder whose symbol the shape environment replaced by another (Krea2
+    under ``dynamic=True``: ``s39 -> s1``) as a SymInt of that other symbol.
+
+    The split hands a segment the first placeholder whose (replaced) expression is a
+    symbol as that symbol's binding; Inductor binds a placeholder by its raw expression
+    (``s39``) and aliases only symbols replaced *by* it, so ``s1`` stays unbound and a
+    tensor of size ``s1 + s50`` fails codegen ("expected [s1] to have been codegen-ed").
+    The two are equal (Dynamo guards the replacement): passing ``s1`` binds it."""
+    node = value.node
+    raw, expr = getattr(node, "_expr", None), node.expr
+    if (raw is None or raw == expr or not getattr(expr, "is_Symbol", False)
+            or node.shape_env is None):
+        return value
+    return node.shape_env.create_symintnode(expr, hint=node.hint)
 
 
 def example_args(gm: fx.GraphModule) -> list:
