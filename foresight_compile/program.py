@@ -227,7 +227,7 @@ class ForesightProgram:
         with self._fallback_lock:
             if self.fallback is None:
                 eager = self.options.lowering == "eager"
-                fn = self.gm.forward if eager else plain_inductor(self.gm)
+                fn = self.gm.forward if eager else plain_inductor(self.gm, self.compiler.symbolic)
                 outputs = fn(*args)
                 self.fallback = fn
                 fall_back([p for r in self._param_refs if (p := r()) is not None],

@@ -42,6 +42,7 @@ import os
 import pathlib
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,18 @@ def pytest_sessionfinish(session, exitstatus):
 # ---------------------------------------------------------------------------------------
 # The driver.
 # ---------------------------------------------------------------------------------------
+_CHILDREN: set = set()
+
+
+def _stop_children(signum=None, frame=None) -> None:
+    """A stopped driver stops its pytest processes (each by its own id)."""
+    for proc in list(_CHILDREN):
+        if proc.poll() is None:
+            proc.kill()
+    if signum is not None:
+        os._exit(128 + signum)
+
+
 def families(tests_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     found = {}
     for path in sorted((tests_dir / "models" / "transformers").glob("test_models_transformer_*.py")):
@@ -166,12 +179,18 @@ def run_family(path: pathlib.Path, tests_dir: pathlib.Path, backend: str, args) 
                "-p", "no:cacheprovider", "-q", "--tb=line", "-k", select,
                str(path.relative_to(tests_dir.parent))]
     start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=tests_dir.parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _CHILDREN.add(proc)
     try:
-        proc = subprocess.run(command, cwd=tests_dir.parent, env=env, timeout=args.timeout,
-                              capture_output=True, text=True)
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        out, _ = proc.communicate(timeout=args.timeout)
+        tail = out.strip().splitlines()[-3:]
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         tail = [f"timed out after {args.timeout} s"]
+    finally:
+        _CHILDREN.discard(proc)
     seconds = time.perf_counter() - start
     try:
         records = json.loads(pathlib.Path(results).read_text())
@@ -248,6 +267,8 @@ def main(argv=None) -> int:
                         help="raw results, rewritten after every family; families already in "
                              "it are not run again (resume a stopped run)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_children)
+    signal.signal(signal.SIGINT, _stop_children)
     tests_dir = args.tests_dir.resolve()
     known = families(tests_dir)
     chosen = args.families or list(known)

@@ -108,6 +108,21 @@ def test_a_segment_failing_to_compile_in_the_backend_falls_back_to_plain_inducto
     _assert_fell_back(fast, model, out, expected, warned, "compiling a segment")
 
 
+def test_symbolic_code_failing_at_its_first_run_falls_back_at_every_size(monkeypatch):
+    """Dynamic shapes, code compiled in the backend that fails when first run: the first
+    call falls back; plain Inductor then compiles per size at call time (no shape
+    environment is left to compile symbolically in), each output plain Inductor's."""
+    torch.manual_seed(0)
+    model = ToyDiT(layers=2).eval()
+    sizes = (4, 6, 9)
+    expected = _plain_inductor(model, sizes, dynamic=True)
+    monkeypatch.setattr(SegmentCompiler, "compile", _fails_at_first_run)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        fast, out, warned = _ours(model, sizes, {"policy": "none"}, dynamic=True)
+    assert all((a - b).abs().max().item() <= 1e-6 for a, b in zip(out, expected))
+    _assert_fell_back(fast, model, out, out, warned, "the block program's first call")
+
+
 @pytest.mark.parametrize("failure, dynamic", [("compile", None), ("first run", None),
                                               ("compile", True)])
 def test_strict_raises_the_cause_instead_of_falling_back(monkeypatch, failure, dynamic):

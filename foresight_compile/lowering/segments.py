@@ -210,10 +210,15 @@ class SegmentCompiler:
         return compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
 
 
-def plain_inductor(gm: fx.GraphModule) -> Callable:
-    """``gm`` whole, compiled by plain Inductor at call time, once per distinct input
-    metadata (the fallback of a program whose segments failed after the backend returned:
-    real inputs, no shape environment left, so one compile per size, each exact)."""
+def plain_inductor(gm: fx.GraphModule, symbolic: bool = False) -> Callable:
+    """``gm`` whole, compiled by plain Inductor at call time (the fallback of a program
+    whose segments failed after the backend returned, when no shape environment is left):
+    with real inputs, once per distinct input metadata, each exact; a ``symbolic`` graph
+    (dynamic shapes: its ``.item()`` of unspecialised floats needs Dynamo) through
+    ``torch.compile`` (Dynamo, then Inductor), which guards and recompiles as it does for
+    any model."""
+    if symbolic:
+        return torch.compile(gm, backend="inductor")
     from torch._inductor.compile_fx import compile_fx
 
     compiled: dict[tuple, Callable] = {}
