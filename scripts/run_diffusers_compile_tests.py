@@ -266,7 +266,11 @@ def main(argv=None) -> int:
     parser.add_argument("--results-json", type=pathlib.Path,
                         help="raw results, rewritten after every family; families already in "
                              "it are not run again (resume a stopped run)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the table from --results-json, run nothing")
     args = parser.parse_args(argv)
+    if args.table_only and args.results_json is None:
+        parser.error("--table-only needs --results-json")
     signal.signal(signal.SIGTERM, _stop_children)
     signal.signal(signal.SIGINT, _stop_children)
     tests_dir = args.tests_dir.resolve()
@@ -281,6 +285,9 @@ def main(argv=None) -> int:
                    if f in chosen}
     start = time.perf_counter()
     lock = threading.Lock()
+    if args.table_only:
+        write(args, {f: results[f] for f in chosen if f in results}, chosen, known, None)
+        return 0
 
     def one(family: str) -> None:
         print(family, flush=True)
@@ -320,7 +327,7 @@ the directory given), Python {platform.python_version()}, {platform.machine()} C
 ({'accelerator skip kept' if args.keep_accelerator_skip else "diffusers' accelerator-only skip lifted: run on the CPU"}).
 Each family runs in its own pytest process per backend, `-k "{'compile' if args.with_aot else 'compile and not aot'}"`;
 "foresight" swaps `torch.compile`'s default backend for `"foresight"` (default options).
-Families run: {len(results)} of {len(known)} with compile tests ({seconds / 60:.0f} min).
+Families run: {len(results)} of {len(known)} with compile tests{f" ({seconds / 60:.0f} min)" if seconds else ""}.
 {('Not run: ' + ', '.join(skipped) + '.') if skipped else ''}
 
 {summary(results)}

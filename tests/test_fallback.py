@@ -159,3 +159,25 @@ def test_an_error_after_a_first_call_that_ran_is_the_models_and_propagates():
     assert not [w for w in caught if issubclass(w.category, ForesightFallbackWarning)]
     assert foresight_compile.stats(fast).accelerated and programs_of(model) == [program]
     torch._dynamo.reset()
+
+
+def test_a_failure_plain_inductor_shares_is_raised_not_hidden(monkeypatch):
+    """When plain Inductor fails on the call too, the failure is not ours to hide: its
+    error propagates, nothing warns, and the program is not switched."""
+    import foresight_compile.program as program_module
+
+    model = ToyDiT(layers=2).eval()
+    monkeypatch.setattr(SegmentCompiler, "compile", _fails_to_compile)
+
+    def plain_fails_too(gm, symbolic=False):
+        def run(*args):
+            raise ValueError("plain Inductor fails here too")
+        return run
+    monkeypatch.setattr(program_module, "plain_inductor", plain_fails_too)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = torch.compile(model, backend="foresight", options=STATIC)
+        with pytest.raises(ValueError, match="fails here too"):
+            _steps(fast, (4,))
+    assert not [w for w in caught if issubclass(w.category, ForesightFallbackWarning)]
+    assert len(programs_of(model)) == 1
