@@ -92,6 +92,15 @@ def pytest_configure(config):
         _CURRENT.setdefault("blocks", len(self.block_paths))
 
     program.ForesightProgram.__init__ = counting_init
+    recorded = program.record_fallback
+
+    def noting_fallback(example_inputs, reason, policy):
+        # Counted here, not from the warning: pytest reports a test's warnings only after
+        # its teardown, and a warning filter may hide them.
+        _CURRENT.setdefault("fallbacks", []).append(reason)
+        return recorded(example_inputs, reason, policy)
+
+    program.record_fallback = noting_fallback
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -114,11 +123,6 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_runtest_setup(item):
     if _plugin_active():
         _CURRENT.clear()
-
-
-def pytest_warning_recorded(warning_message, when, nodeid, location):
-    if _plugin_active() and warning_message.category.__name__ == "ForesightFallbackWarning":
-        _CURRENT.setdefault("fallbacks", []).append(str(warning_message.message))
 
 
 def pytest_runtest_logreport(report):
@@ -219,8 +223,7 @@ def _what_we_did(record: dict | None) -> str:
     parts = []
     if record.get("programs"):
         parts.append(f"{record['programs']} block program(s), {record['blocks']} blocks")
-    for message in dict.fromkeys(record.get("fallbacks", [])):
-        reason = message.removeprefix("foresight: ").split(". The model runs")[0]
+    for reason in dict.fromkeys(record.get("fallbacks", [])):
         parts.append(f"fallback: {_escape(reason)[:160]}")
     return "; ".join(parts) or "no graph reached the backend"
 
