@@ -234,23 +234,24 @@ def _escape(text: str) -> str:
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     """One row per test that ran under at least one backend; tests skipped under both
-    (``-k compile`` also selects accelerator-only variants: attention backends, LoRA
-    hotswapping) are counted per family in the last row of that family."""
+    (``-k compile`` also selects variants such as attention backends and LoRA hotswapping)
+    are counted per family in the last row of that family, with their skip reasons."""
     lines = ["| family | test | inductor | foresight | foresight did |", "|---|---|---|---|---|"]
     for family, by_backend in results.items():
         tests = list(dict.fromkeys([*by_backend.get("inductor", {}), *by_backend.get("foresight", {})]))
-        skipped = 0
+        skipped, reasons = 0, {}
         for test in tests:
             ind = by_backend.get("inductor", {}).get(test)
             ours = by_backend.get("foresight", {}).get(test)
             if all(r is not None and r["outcome"] == "skipped" for r in (ind, ours)):
                 skipped += 1
+                reasons[_escape(ind.get("detail", ""))[:80]] = None
                 continue
             name = test.rsplit("::", 1)[-1]
             lines.append(f"| {family} | `{name}` | {_cell(ind)} | {_cell(ours)} | {_what_we_did(ours)} |")
         if skipped:
             lines.append(f"| {family} | {skipped} other test(s) matching `compile` | skipped | skipped "
-                         f"| (accelerator-only) |")
+                         f"| skip reasons: {'; '.join(reasons)} |")
     return "\n".join(lines)
 
 
