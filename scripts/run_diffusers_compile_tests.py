@@ -247,7 +247,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 skipped += 1
                 reasons[_escape(ind.get("detail", ""))[:80]] = None
                 continue
-            name = test.rsplit("::", 1)[-1]
+            name = "::".join(test.split("::")[-2:])  # Class::test (a file may hold two configs)
             lines.append(f"| {family} | `{name}` | {_cell(ind)} | {_cell(ours)} | {_what_we_did(ours)} |")
         if skipped:
             lines.append(f"| {family} | {skipped} other test(s) matching `compile` | skipped | skipped "
