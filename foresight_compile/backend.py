@@ -3,36 +3,41 @@
 Registered in the ``torch_dynamo_backends`` entry-point group, so
 ``torch.compile(model, backend="foresight", options={...})`` works without importing this
 package. Dynamo calls ``foresight_backend(gm, example_inputs, options=...)`` once per
-graph. When the graph holds no cacheable block stack, the graph is compiled by plain
-Inductor with one warning saying why (``strict=True`` raises instead).
+graph. When the graph holds no cacheable block stack, or building the block program fails
+(an Inductor codegen error, a symbolic-shape assertion, a lowering error while compiling
+our segments), the graph is compiled by plain Inductor with one warning saying why
+(``strict=True`` raises instead). Failures after the backend returned (a segment compiled
+or first run at a call) fall back in the program (``program.py``).
 """
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
 
-from foresight_compile.errors import BlockDiscoveryError, ForesightValueError, surfaced
+from foresight_compile.errors import (BlockDiscoveryError, ForesightFallbackWarning,
+                                      ForesightValueError, SegmentCompileError, dynamo_control,
+                                      surfaced)
 from foresight_compile.options import Options
 from foresight_compile.passes.collectives import group_names
 from foresight_compile.parallel import prepare_on_stack
-from foresight_compile.program import ForesightProgram, record_fallback
+from foresight_compile.program import ForesightProgram, failure_reason, fall_back
 
 log = logging.getLogger(__name__)
 
-
-class ForesightFallbackWarning(UserWarning):
-    """The model runs unaccelerated (plain Inductor): no cacheable block stack."""
+__all__ = ["ForesightFallbackWarning", "foresight_backend", "graph_break_note"]
 
 
 def foresight_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       options: Mapping[str, Any] | None = None):
     try:
         opts = Options.from_dict(options)
+    except ForesightValueError as e:  # a bad option
+        raise surfaced(e) from None
+    try:
         return ForesightProgram(gm, example_inputs, opts)
-    except ForesightValueError as e:  # a bad option, a profile made for another model
+    except ForesightValueError as e:  # a profile made for another model, a cache ceiling
         raise surfaced(e) from None
     except BlockDiscoveryError as e:
         if group_names(gm.graph.nodes):
@@ -53,14 +58,24 @@ def foresight_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if opts.strict and not late:
             raise surfaced(e) from None
         reason = f"{e}{graph_break_note(gm)}"
-        record_fallback(example_inputs, reason, opts.policy)
-        warnings.warn(f"foresight: {reason}. The model runs without block reuse (plain "
-                      f"{'Inductor' if opts.lowering == 'inductor' else 'eager'}).",
-                      ForesightFallbackWarning, stacklevel=2)
+    except Exception as e:  # compiling our segments failed where plain Inductor may work
+        if dynamo_control(e):
+            raise
+        if opts.strict:
+            if isinstance(e, SegmentCompileError) and e.__cause__ is not None:
+                raise e.__cause__ from None
+            raise
+        log.debug("building the block program failed", exc_info=True)
+        reason = failure_reason(e, "building the block program")
     if opts.lowering == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, list(example_inputs))
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
+        compiled = compile_fx(gm, list(example_inputs))
+    # Warned after compile_fx returns: when it asks Dynamo to restart the analysis (a
+    # scalar to tensorify), the backend is called again, and warns once then.
+    fall_back(example_inputs, reason, opts)
+    return compiled
 
 
 def graph_break_note(gm: fx.GraphModule) -> str:

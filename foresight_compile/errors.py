@@ -17,6 +17,17 @@ class BlockDiscoveryError(ForesightError):
     """The graph has no block stack that can be put behind cache branches."""
 
 
+class SegmentCompileError(ForesightError):
+    """Compiling, or first running, one of the program's segments failed (an Inductor
+    codegen error, a symbolic-shape assertion, a lowering error). The program falls back to
+    plain Inductor for that graph (``strict=True`` raises the cause instead)."""
+
+
+class ForesightFallbackWarning(UserWarning):
+    """The model (one graph of it) runs unaccelerated, on plain Inductor: no cacheable block
+    stack, or compiling the block program failed; the message says why."""
+
+
 class NotCompiledError(ForesightError, LookupError):
     """The model given to stats()/reset() was never run through backend="foresight"."""
 
@@ -27,6 +38,21 @@ class ExportError(ForesightError):
 
 class ManifestMismatchError(ForesightError, ValueError):
     """An exported model or engine does not match its manifest."""
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``, the cause as a warning or a reason names it
+    (an ``InductorError`` reads ``InductorError: AssertionError: ...``)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def dynamo_control(error: BaseException) -> bool:
+    """True for the exceptions Dynamo raises through a backend to steer its own compile
+    (restart the analysis, skip the frame): never a failure to fall back from."""
+    from torch._dynamo.exc import RestartAnalysis, SkipFrame
+
+    return isinstance(error, (RestartAnalysis, SkipFrame))
 
 
 def surfaced(error: Exception) -> Exception:

@@ -71,7 +71,9 @@ class Options:
     """"segments": the host-branch form (segments compiled separately, the executor
     branches between them); "graph": one graph with a torch.cond per block."""
     strict: bool = False
-    """Raise instead of falling back to plain Inductor when the model cannot be cached."""
+    """Raise instead of falling back to plain Inductor when the model cannot be cached (no
+    block stack), or when compiling or first running one of our segments fails (the cause,
+    e.g. the ``InductorError``, is raised)."""
     max_cache_bytes: int | None = None
     """The most cache memory (bytes) one branch may hold: one CFG pass of one request (a
     pipeline that calls the model twice per step holds two branches). The program knows the

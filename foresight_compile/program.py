@@ -5,22 +5,35 @@ Reading top to bottom, a program is the pipeline of docs/DESIGN.md section 2: an
 (``find_blocks``, ``find_timestep_input``), the policy and its controller (with the metric
 reduction over the blocks' process group under sequence parallelism), the partition,
 the lowering (segment plan, graph form or CUDA graphs) and the executor that runs it.
+
+Never worse than Inductor: when a segment fails to compile or to run for the first time
+after the backend returned (``SegmentCompileError``, at any call), or the program's first
+call fails in any way, the program switches that graph to plain Inductor
+(``plain_inductor``), returns its output for the call, warns once
+(``ForesightFallbackWarning``) and ``stats()`` reports it not accelerated with the cause.
+``strict=True`` raises the cause instead. After a first call that succeeded, an error that
+is not a segment's compile or first run (the model's own code, its inputs) propagates, as
+does a ``ForesightValueError`` at any call (an input we name as wrong).
 """
 from __future__ import annotations
 
 import collections
+import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from foresight_compile.errors import ForesightValueError, surfaced
+from foresight_compile.errors import (ForesightFallbackWarning, ForesightValueError,
+                                      SegmentCompileError, describe, surfaced)
 from foresight_compile.lowering.graph_form import lower_graph_form
 from foresight_compile.lowering.plan import (build_plan, cached_values, plan_layout,
                                              planned_bytes)
-from foresight_compile.lowering.segments import SegmentCompiler, is_symbolic, meta_value
+from foresight_compile.lowering.segments import (SegmentCompiler, is_symbolic, meta_value,
+                                                 plain_inductor)
 from foresight_compile.options import CACHE_DTYPES, ORDERS, Options
 from foresight_compile.parallel import metric_reduction
 from foresight_compile.passes.blocks import BlockStack, find_blocks
@@ -55,6 +68,23 @@ def record_fallback(example_inputs: Sequence, reason: str, policy: str) -> None:
     _FALLBACKS.append(Fallback(example_inputs, reason, policy))
 
 
+def fall_back(example_inputs: Sequence, reason: str, options: Options) -> None:
+    """Record that a graph runs without block reuse (``stats()`` reports the reason) and
+    warn once, naming the reason."""
+    record_fallback(example_inputs, reason, options.policy)
+    warnings.warn(f"foresight: {reason.rstrip('.')}. The model runs without block reuse (plain "
+                  f"{'Inductor' if options.lowering != 'eager' else 'eager'}).",
+                  ForesightFallbackWarning, stacklevel=3)
+
+
+def failure_reason(error: BaseException, stage: str) -> str:
+    """The reason a failed block program gives (the warning's, ``stats()``'s): a segment's
+    compile or first run and its cause, or ``stage`` (what failed) and the error."""
+    if isinstance(error, SegmentCompileError) and error.__cause__ is not None:
+        return f"{str(error).split(':', 1)[0]}: {describe(error.__cause__)}"
+    return f"{stage} failed: {describe(error)}"
+
+
 def fallbacks_of(model: torch.nn.Module) -> list[Fallback]:
     """The graphs of ``model`` that fell back, oldest first."""
     ids = {id(p) for p in getattr(model, "_orig_mod", model).parameters()}
@@ -71,6 +101,11 @@ class ForesightProgram:
                  capture: Callable | None = None) -> None:
         start = time.perf_counter()
         self.options = options
+        # Kept for the fallback: the whole graph, run by plain Inductor if our segments fail.
+        self.gm = gm
+        self.fallback: Callable | None = None
+        self._fallback_lock = threading.Lock()
+        self._called = False
         self.stack: BlockStack = find_blocks(gm)
         timestep_index = find_timestep_input(gm, example_inputs)
         signature_indices = [i for i, v in enumerate(example_inputs)
@@ -168,7 +203,37 @@ class ForesightProgram:
         return self.build_seconds + self.compiler.compile_seconds
 
     def __call__(self, *args: Any):
-        return self.executor.evaluate(args)
+        if self.fallback is not None:
+            return self.fallback(*args)
+        try:
+            outputs = self.executor.evaluate(args)
+        except SegmentCompileError as e:  # at any call: our segment, never the model
+            return self._fall_back(e, args)
+        except ForesightValueError:  # the caller's input named (an empty timestep, a ceiling)
+            raise
+        except Exception as e:
+            if self._called:  # the model's own code or inputs, after a first call that ran
+                raise
+            return self._fall_back(e, args)
+        self._called = True
+        return outputs
+
+    def _fall_back(self, error: Exception, args: tuple):
+        """Switch this graph to plain Inductor and return its output for ``args``; raise
+        ``error``'s cause under ``strict``, or when plain Inductor fails too (then the
+        failure is not ours: plain Inductor's error propagates)."""
+        if self.options.strict:
+            raise error.__cause__ if isinstance(error, SegmentCompileError) else error
+        with self._fallback_lock:
+            if self.fallback is None:
+                eager = self.options.lowering == "eager"
+                fn = self.gm.forward if eager else plain_inductor(self.gm, self.compiler.symbolic)
+                outputs = fn(*args)
+                self.fallback = fn
+                fall_back([p for r in self._param_refs if (p := r()) is not None],
+                          failure_reason(error, "the block program's first call"), self.options)
+                return outputs
+        return self.fallback(*args)
 
 
 def check_ceiling(options: Options, segmented: Segmented, layout: HistoryLayout,
@@ -207,7 +272,7 @@ def live_programs() -> list[ForesightProgram]:
         program = ref()
         if program is None:
             _PROGRAMS.remove(ref)
-        else:
+        elif program.fallback is None:  # a program that fell back runs plain Inductor
             found.append(program)
     return found
 

@@ -16,7 +16,7 @@ from conftest import rel_err
 from foresight_compile.models.families import FAMILIES
 from foresight_compile.program import programs_of
 from sizes import SHAPES, sized_inputs
-from toy import ToyDiT
+from toy import ToyBlock, ToyDiT
 
 # Mochi graph-breaks inside every block (torch.nonzero in its attention processor) and
 # falls back: see test_reliability.py (stats says why, explain names the op and the remedy).
@@ -120,3 +120,87 @@ def test_reuse_under_dynamic_shapes_matches_the_eager_lowering_at_every_size(pol
     assert step == list(range(8)) * len(sizes) and len(set(gens)) == len(sizes)
     for a, b in zip(outs, ref):
         assert rel_err(a, b) <= 1e-5
+
+
+class _TextDiT(torch.nn.Module):
+    """Krea2's pattern: the text tokens (masked) joined to the image tokens before the
+    blocks, so the blocks see ``text + image`` tokens; the mask and the text share a size
+    the shape environment unifies (one symbol replaced by the other)."""
+
+    def __init__(self, dim: int = 8, layers: int = 2) -> None:
+        super().__init__()
+        self.t_embed = torch.nn.Linear(1, dim)
+        self.blocks = torch.nn.ModuleList(ToyBlock(dim) for _ in range(layers))
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask):
+        temb = self.t_embed(timestep[:, None].float() / 1000)[:, None, :]
+        text = encoder_hidden_states * encoder_attention_mask[..., None]
+        x = torch.cat([text, hidden_states], dim=1)
+        for block in self.blocks:
+            x = block(x, temb)
+        return (self.out(x[:, encoder_hidden_states.shape[1]:]),)
+
+
+def test_a_size_symbol_replaced_by_another_is_bound_in_every_segment():
+    """Issue 22 (Krea2, ``dynamic=True``): a block's input of size ``s1 + s50`` whose
+    ``s1`` reached the segment only as a placeholder of a replaced symbol (``s39 -> s1``)
+    failed Inductor's codegen ("expected [s1] to have been codegen-ed"). The segment now
+    gets the replacing symbol: compiled once, every size served, eager's output."""
+    torch.manual_seed(0)
+    model = _TextDiT().eval()
+    fast = torch.compile(model, backend="foresight", dynamic=True, fullgraph=True,
+                         options={"policy": "none", "strict": True})
+    with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        for n in (4, 6, 9):
+            kwargs = dict(hidden_states=torch.randn(1, n, 8),
+                          encoder_hidden_states=torch.randn(1, 3, 8),
+                          timestep=torch.tensor([500.0]), encoder_attention_mask=torch.ones(1, 3))
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                out = fast(**kwargs)[0]
+            assert rel_err(out, model(**kwargs)[0]) <= 1e-5
+    s = foresight_compile.stats(fast)
+    assert s.accelerated and len(s.blocks) == 2 and s.steps == 3
+
+
+KREA2_CONFIG = {  # diffusers' tests/models/transformers/test_models_transformer_krea2.py
+    "in_channels": 16, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 32, "timestep_embed_dim": 8,
+    "text_hidden_dim": 16, "num_text_layers": 3, "text_num_attention_heads": 2,
+    "text_num_key_value_heads": 1, "text_intermediate_size": 16,
+    "num_layerwise_text_blocks": 1, "num_refiner_text_blocks": 1, "axes_dims_rope": (4, 2, 2),
+    "rope_theta": 1000.0, "norm_eps": 1e-5}
+
+
+def _krea2_inputs(height: int, width: int, text: int = 4) -> dict:
+    """diffusers' ``get_dummy_inputs`` of the Krea2 test (the last text token padded)."""
+    g = torch.Generator().manual_seed(0)
+    positions = torch.zeros(text + height * width, 3)
+    positions[text:, 1] = torch.arange(height).repeat_interleave(width)
+    positions[text:, 2] = torch.arange(width).repeat(height)
+    mask = torch.ones(1, text, dtype=torch.bool)
+    mask[:, -1] = False
+    return {"hidden_states": torch.randn(1, height * width, 16, generator=g),
+            "encoder_hidden_states": torch.randn(1, text, 3, 16, generator=g),
+            "timestep": torch.tensor([0.5]), "position_ids": positions,
+            "encoder_attention_mask": mask}
+
+
+@pytest.mark.slow
+def test_krea2_compiles_on_different_shapes_with_its_blocks_cached():
+    """diffusers' ``test_compile_on_different_shapes`` for Krea2 (its config, its sizes
+    (4, 4), (4, 8), (8, 8)), strict: the blocks are cached, no recompile, eager's output."""
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "Krea2Transformer2DModel"):
+        pytest.skip("this diffusers has no Krea2")
+    torch.manual_seed(0)
+    model = diffusers.Krea2Transformer2DModel(**KREA2_CONFIG).eval()
+    fast = torch.compile(model, backend="foresight", fullgraph=True, dynamic=True,
+                         options={"strict": True})
+    with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        for height, width in [(4, 4), (4, 8), (8, 8)]:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                out = fast(**_krea2_inputs(height, width))[0]
+            assert rel_err(out, model(**_krea2_inputs(height, width))[0]) <= 1e-5
+    s = foresight_compile.stats(fast)
+    assert s.accelerated and len(s.blocks) == 2 and s.steps == 3

@@ -13,6 +13,10 @@ values (symbolic sizes of Dynamo's ShapeEnv), keyed by graph structure and *symb
 metadata, and never unbound: the code serves every size Dynamo's guards admit, and the
 guards Inductor adds while compiling land in Dynamo's ShapeEnv, so Dynamo installs them
 (a size the code cannot serve recompiles the frame, visibly, instead of running wrong).
+
+A failure to compile a segment, or of a segment's first run after it was bound to code,
+raises ``SegmentCompileError`` (the cause chained): the program falls back to plain
+Inductor for the graph (``plain_inductor``) instead of failing where Inductor works.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+
+from foresight_compile.errors import SegmentCompileError, describe, dynamo_control
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,8 @@ def _backend_fake(value: Any) -> Any:
     fails (GuardOnDataDependentSymNode). Converting here keeps the backed SymFloat."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if isinstance(value, torch.SymInt):
+        return _canonical_symint(value)
     if not isinstance(value, FakeTensor):
         return value
     context = torch._guards.TracingContext.try_get()
@@ -89,6 +97,23 @@ def _backend_fake(value: Any) -> Any:
     if value.item_memo is not None and fake.item_memo is None:
         fake.item_memo = value.item_memo
     return fake
+
+
+def _canonical_symint(value: torch.SymInt) -> torch.SymInt:
+    """A size placeholder whose symbol the shape environment replaced by another (Krea2
+    under ``dynamic=True``: ``s39 -> s1``) as a SymInt of that other symbol.
+
+    The split hands a segment the first placeholder whose (replaced) expression is a
+    symbol as that symbol's binding; Inductor binds a placeholder by its raw expression
+    (``s39``) and aliases only symbols replaced *by* it, so ``s1`` stays unbound and a
+    tensor of size ``s1 + s50`` fails codegen ("expected [s1] to have been codegen-ed").
+    The two are equal (Dynamo guards the replacement): passing ``s1`` binds it."""
+    node = value.node
+    raw, expr = getattr(node, "_expr", None), node.expr
+    if (raw is None or raw == expr or not getattr(expr, "is_Symbol", False)
+            or node.shape_env is None):
+        return value
+    return node.shape_env.create_symintnode(expr, hint=node.hint)
 
 
 def example_args(gm: fx.GraphModule) -> list:
@@ -162,16 +187,53 @@ class SegmentCompiler:
         with self._lock:
             fn = self._compiled.get(key)
             if fn is None:
-                from torch._inductor.compile_fx import compile_fx
                 start = time.perf_counter()
-                # The segment is only ever called with inputs of the metadata in ``key``
-                # (shapes, strides, dtypes), so Inductor's per-input asserts are redundant.
-                compiled = compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
+                try:
+                    compiled = self.compile(gm, args)
+                except Exception as e:
+                    if dynamo_control(e):
+                        raise
+                    raise SegmentCompileError(
+                        f"compiling a segment failed: {describe(e)}") from e
                 self.compile_seconds += time.perf_counter() - start
                 self.compiles += 1
                 fn = self._compiled[key] = compiled
                 log.debug("compiled a segment (%d distinct so far)", self.compiles)
         return fn
+
+    def compile(self, gm: fx.GraphModule, args) -> Callable:
+        """Inductor's code for ``gm`` at ``args`` (the one place a segment is compiled)."""
+        from torch._inductor.compile_fx import compile_fx
+
+        # The segment is only ever called with inputs of the metadata in its key (shapes,
+        # strides, dtypes), so Inductor's per-input asserts are redundant.
+        return compile_fx(gm, list(args), config_patches=_TRUSTED_INPUTS)
+
+
+def plain_inductor(gm: fx.GraphModule, symbolic: bool = False) -> Callable:
+    """``gm`` whole, compiled by plain Inductor at call time (the fallback of a program
+    whose segments failed after the backend returned, when no shape environment is left):
+    with real inputs, once per distinct input metadata, each exact; a ``symbolic`` graph
+    (dynamic shapes: its ``.item()`` of unspecialised floats needs Dynamo) through
+    ``torch.compile`` (Dynamo, then Inductor), which guards and recompiles as it does for
+    any model."""
+    if symbolic:
+        return torch.compile(gm, backend="inductor")
+    from torch._inductor.compile_fx import compile_fx
+
+    compiled: dict[tuple, Callable] = {}
+    lock = threading.Lock()
+
+    def run(*args):
+        key = _args_key(args)
+        fn = compiled.get(key)
+        if fn is None:
+            with lock:
+                fn = compiled.get(key)
+                if fn is None:
+                    fn = compiled[key] = compile_fx(gm, list(args))
+        return fn(*args)
+    return run
 
 
 class Segment:
@@ -196,7 +258,12 @@ class Segment:
 
     def __call__(self, *args):
         fn = self.fn
-        if fn is None:
-            fn = self.fn = self._compiler.compiled((self.graph_key, _args_key(args)), self.gm,
-                                                   args)
-        return fn(*args)
+        if fn is not None:
+            return fn(*args)
+        fn = self.fn = self._compiler.compiled((self.graph_key, _args_key(args)), self.gm, args)
+        try:
+            return fn(*args)
+        except Exception as e:  # the first run of freshly bound code: ours, not the model's
+            self.fn = None
+            raise SegmentCompileError(f"the first run of a compiled segment failed: "
+                                      f"{describe(e)}") from e
