@@ -42,7 +42,7 @@ import torch
 
 from foresight_compile.errors import ForesightError
 from foresight_compile.runtime.controller import ReuseController
-from foresight_compile.runtime.executor import MAX_SCHEDULES, Executor, live_steps
+from foresight_compile.runtime.executor import Executor, ScheduleCache, live_steps
 from foresight_compile.runtime.plan import PlanStep, SegmentPlan
 from foresight_compile.runtime.state import BranchState
 
@@ -157,7 +157,7 @@ class CudaGraphExecutor(Executor):
         self.output_spec = plan.output_spec
         self.num_slots = plan.num_slots
         self.num_blocks = plan.num_blocks
-        self._schedules: dict[tuple, tuple[tuple[int, bool], ...]] = {}
+        self._schedule = ScheduleCache(lambda mask: step_schedule(self.plan, mask))
         self.graphs: "weakref.WeakKeyDictionary[BranchState, BranchGraphs]" = \
             weakref.WeakKeyDictionary()
 
@@ -271,15 +271,6 @@ class CudaGraphExecutor(Executor):
         return graphs
 
     # -- one evaluation --------------------------------------------------------------------
-    def _schedule(self, mask) -> tuple[tuple[int, bool], ...]:
-        key = tuple(mask)
-        found = self._schedules.get(key)
-        if found is None:
-            if len(self._schedules) >= MAX_SCHEDULES:
-                self._schedules.clear()
-            found = self._schedules[key] = step_schedule(self.plan, key)
-        return found
-
     def run(self, state: BranchState, args) -> tuple:
         graphs = self._graphs(state, args)
         ptrs = tuple(map(torch.Tensor.data_ptr, self._params(args)))

@@ -41,6 +41,25 @@ from foresight_compile.runtime.state import BranchState
 MAX_SCHEDULES = 256  # distinct masks whose schedule is kept
 
 
+class ScheduleCache:
+    """What one evaluation runs under each reuse mask, derived once per distinct mask by
+    ``derive(mask_tuple)`` (a generation sees a handful of masks); at most ``MAX_SCHEDULES``
+    are kept (forgotten all at once past that, then derived again)."""
+
+    def __init__(self, derive) -> None:
+        self._derive = derive
+        self._found: dict[tuple, tuple] = {}
+
+    def __call__(self, mask) -> tuple:
+        key = tuple(mask)
+        found = self._found.get(key)
+        if found is None:
+            if len(self._found) >= MAX_SCHEDULES:
+                self._found.clear()
+            found = self._found[key] = self._derive(key)
+        return found
+
+
 class Executor:
     """Base of every executor and engine: ``evaluate(args)`` is the one contract."""
 
@@ -110,7 +129,7 @@ class SegmentExecutor(Executor):
         self.output_spec = plan.output_spec
         self.num_args = plan.num_args
         self.num_slots = plan.num_slots
-        self._schedules: dict[tuple, tuple[int, ...]] = {}
+        self._schedule = ScheduleCache(lambda mask: live_steps(self.plan, mask))
         self._signature: tuple | None = None
 
     def _rebind(self, signature: tuple) -> None:
@@ -120,15 +139,6 @@ class SegmentExecutor(Executor):
         if self.plan.probe is not None:
             self.plan.probe.unbind()
         self._signature = signature
-
-    def _schedule(self, mask) -> tuple[int, ...]:
-        key = tuple(mask)
-        found = self._schedules.get(key)
-        if found is None:
-            if len(self._schedules) >= MAX_SCHEDULES:
-                self._schedules.clear()
-            found = self._schedules[key] = live_steps(self.plan, key)
-        return found
 
     def run(self, state: BranchState, args) -> tuple:
         if state.signature != self._signature:
