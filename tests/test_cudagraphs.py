@@ -83,7 +83,7 @@ def _program(gm, inputs, capture=EagerCapture, **options):
     return program
 
 
-@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+@pytest.mark.parametrize("name", ["wan", pytest.param("cogvideox", marks=pytest.mark.slow)])
 def test_executor_matches_segment_executor_decisions_and_values(name):
     dit = models.FACTORIES[name](layers=2)
     reference = torch.compile(dit.model, backend="foresight", options={**OPTS, "lowering": "inductor"})
@@ -203,7 +203,7 @@ def test_policy_none_replays_every_graph_and_holds_no_cache():
     assert state.buffers.tensors == (None, None) and state.buffers.nbytes == 0
 
 
-@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+@pytest.mark.parametrize("name", ["wan", pytest.param("cogvideox", marks=pytest.mark.slow)])
 def test_forecasts_and_the_latent_probe_match_the_segment_executor(name):
     """The default policy (forecast history of two slots that rotate, latent-change probe)
     under the CUDA-graph executor: the segment executor's decisions and values."""
