@@ -22,10 +22,15 @@ every-R-steps refresh):
   the last compute); a run of served steps accumulates ``A += est``; step ``t`` is served
   while ``A + est <= tolerance``, and every block computes again when it is not. The first
   ``order + 2`` steps (warmup) compute, so the history and ``c`` are measured before any
-  reuse; the last ``TAIL`` steps compute (their error lands in the output undamped); at most
-  ``max_run`` steps in a row are served (default: an eighth of the generation).
+  reuse; the last tenth of the steps (at least ``TAIL``) compute (their error lands in the
+  output undamped, and the forecast's error grows fastest there); at most ``max_run``
+  steps in a row are served (default: an eighth of the generation).
 
-``tolerance`` is the one quality knob: larger serves more steps, monotonically.
+``tolerance`` is the one quality knob: larger serves more steps (a run ends later; the
+served share never fell as it rose in the trained models' sweeps, tests/test_quality_knob.py).
+The final error follows the runs' root-sum-square, but a realisation carries 1-2 dB of
+interference between runs (which steps a run covers shifts with the knob), measured in
+``examples/estimate_vs_truth.py``.
 
 All of it runs on the device, from the previous step's metrics (or the one before, with
 ``lookahead=2``): the decision is a bool written into a preallocated flag, host scalars
@@ -41,6 +46,14 @@ import torch
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
 TAIL = 2
+# ... or a tenth of the generation when that is more (5 of 50, 3 of 30): the last run of
+# served steps is the one nothing later can absorb. Measured on both trained models
+# (examples/estimate_vs_truth.py): within a run the served steps' errors add coherently
+# (|sum| = sum of |terms| to 2-5%), across runs they partly cancel (the final error is
+# 0.5-1.1x the runs' root-sum-square), and over the last tenth of a shifted schedule the
+# forecast's error grows several times faster than the rate measured before it (tiny-video,
+# 50 steps: 0.04 -> 0.28 over steps 44-47), so a run there cost up to half the final error.
+TAIL_FRACTION = 10
 # A run of served steps spans at most 1/8 of the generation (unless max_run says otherwise):
 # measured on both trained models, 50 and 30 steps, longer runs lost 2-6 dB at the same reuse
 # (the budget's estimate grows with the gap, but not as fast as the true error far out).
@@ -73,9 +86,14 @@ class BudgetReuse(ReusePolicy):
                      run: int = 0) -> bool:
         if warmup is None or step < max(warmup, self.order + 2):
             return True
-        if total is not None and step >= total - TAIL:
+        if total is not None and step >= total - self.tail(total):
             return True
         return run >= self.max_run(total)
+
+    @staticmethod
+    def tail(total: int) -> int:
+        """How many steps at the end of a generation of ``total`` steps compute."""
+        return max(TAIL, round(total / TAIL_FRACTION))
 
     def max_run(self, total: int | None) -> int:
         """The longest run of served steps: the option, else an eighth of the generation."""
