@@ -11,7 +11,9 @@ Same data, prompts, noise and evaluator as ``models.tiny_video`` (procedural cli
   (frame, row, column) with axes (8, 12, 12), no absolute position embedding (the text keys
   are not rotated, so attention to them tells a video token where it is). Patch
   (2, 4, 4), native (``patch_size_t = 2``; HunyuanVideo's RoPE handles a temporal patch):
-  4 x 8 x 8 = 256 video tokens (+ 8 text tokens), as the other two tiny models.
+  4 x 8 x 8 = 256 video tokens (+ 8 text tokens), as the other two tiny models (a spatial
+  patch of 2 would give 1024: four times the linear work, sixteen times the attention's,
+  out of reach of the CPU training budget).
 - **prompt**: ``TinyHunyuanPromptEncoder`` gives what HunyuanVideo's two text encoders give
   its pipeline: ``encoder_hidden_states`` (B, 8, 64) (token + slot embeddings, the Llama
   part), ``encoder_attention_mask`` (B, 8) (the ``<none>`` padding slots of a one-object
