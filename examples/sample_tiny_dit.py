@@ -5,6 +5,7 @@
     python examples/sample_tiny_dit.py --evaluate 32         # the acceptance figures (32 prompts, 30 steps)
     python examples/sample_tiny_dit.py --backend foresight --options '{"policy": "foresight"}'
     python examples/sample_tiny_dit.py --model cogvideox --evaluate 32   # the second model
+    python examples/sample_tiny_dit.py --model hunyuan --evaluate 32     # the third
 
 Prompts read "COLOUR SHAPE moving DIRECTION SPEED" (colours: red green blue yellow magenta
 cyan; shapes: circle square triangle; directions: right left up down; speeds: slow fast),
@@ -24,6 +25,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from foresight_compile.models import tiny_cogvideox as tc  # noqa: E402
+from foresight_compile.models import tiny_hunyuan as th  # noqa: E402
 from foresight_compile.models import tiny_video as tv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -31,8 +33,9 @@ ROOT = Path(__file__).resolve().parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["wan", "cogvideox"], default="wan",
-                    help="the tiny video DiT (Wan, predicts x0) or the tiny CogVideoX (velocity)")
+    ap.add_argument("--model", choices=["wan", "cogvideox", "hunyuan"], default="wan",
+                    help="the tiny video DiT (Wan, predicts x0), the tiny CogVideoX or the tiny "
+                         "HunyuanVideo (both velocity)")
     ap.add_argument("--prompt", action="append", help="repeatable; default: evaluation prompts")
     ap.add_argument("--evaluate", type=int, default=8, metavar="N",
                     help="without --prompt: sample the first N evaluation prompts and check them")
@@ -43,14 +46,15 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="JSON options for backend=foresight")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="PNG strip (default: examples/output/"
-                    "tiny_dit_samples.png, or tiny_cogvideox_samples.png for --model cogvideox)")
+                    "tiny_dit_samples.png, or tiny_<model>_samples.png for --model cogvideox/hunyuan)")
     ap.add_argument("--rows", type=int, default=8, help="clips shown in the PNG strip")
     ap.add_argument("--gif", type=Path, help="also write an animated GIF of the shown clips")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    load, sample = ((tv.load_tiny_video_dit, tv.sample) if args.model == "wan"
-                    else (tc.load_tiny_cogvideox, tc.sample))
+    load, sample = {"wan": (tv.load_tiny_video_dit, tv.sample),
+                    "cogvideox": (tc.load_tiny_cogvideox, tc.sample),
+                    "hunyuan": (th.load_tiny_hunyuan, th.sample)}[args.model]
     transformer, encoder, scheduler_config = load()
     model = transformer
     if args.backend != "eager":
@@ -77,7 +81,7 @@ def main() -> None:
 
     if args.out is None:
         args.out = ROOT / "output" / ("tiny_dit_samples.png" if args.model == "wan"
-                                      else "tiny_cogvideox_samples.png")
+                                      else f"tiny_{args.model}_samples.png")
     shown = slice(0, args.rows)
     tv.save_strip(frames[shown], args.out, [p.text for p in prompts[shown]])
     print(f"frame strip: {args.out}")

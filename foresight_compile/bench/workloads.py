@@ -25,6 +25,7 @@ BUILTIN: dict[str, Callable[[], models.SmallDiT]] = {
     "latte": lambda: models.latte(layers=2),
     "tiny-video": lambda: models.tiny_video_workload(prompts=4),
     "tiny-video-cogvideox": lambda: models.tiny_cogvideox_workload(prompts=4),
+    "tiny-video-hunyuan": lambda: models.tiny_hunyuan_workload(prompts=4),
 }
 
 

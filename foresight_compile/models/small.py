@@ -3,7 +3,9 @@
 Each factory returns a ``SmallDiT``: the model, its latent shape, and how to build one
 forward call's keyword arguments. ``wan``/``cogvideox``/``latte`` have random weights, in
 small fixed configurations (``layers`` deepens them); ``tiny_video_workload`` is the trained
-Wan shipped with the package (``models/tiny_video/``), the one to quote fidelity figures on.
+Wan shipped with the package (``models/tiny_video/``), the one to quote fidelity figures on;
+``tiny_cogvideox_workload`` and ``tiny_hunyuan_workload`` the trained CogVideoX and
+HunyuanVideo.
 """
 from __future__ import annotations
 
@@ -116,9 +118,33 @@ def tiny_cogvideox_workload(prompts: int = 4, path=None, guidance: float | None 
                     scheduler_config=scheduler_config, prompts=chosen, guidance=guidance)
 
 
+def tiny_hunyuan_workload(prompts: int = 4, path=None) -> SmallDiT:
+    """The trained tiny HunyuanVideo (velocity-predicting; dual-stream then single-stream
+    blocks) on the first ``prompts`` evaluation prompts: the latent is the clip itself
+    (B, 3, 8, 32, 32). Each call passes what ``HunyuanVideoPipeline``'s denoising loop passes
+    (``encoder_hidden_states``, ``encoder_attention_mask``, ``pooled_projections``,
+    ``guidance = guidance_scale * 1000`` (ignored by this model), ``attention_kwargs=None``,
+    ``return_dict=False``); no classifier-free guidance (the pipeline's true CFG is a second
+    call per step: ``tiny_hunyuan.sample(..., guidance_scale=g)``)."""
+    from foresight_compile.models import tiny_hunyuan as th
+    from foresight_compile.models import tiny_video as tv
+    transformer, encoder, scheduler_config = th.load_tiny_hunyuan(path)
+    chosen = tv.evaluation_prompts(prompts)
+    with torch.no_grad():
+        text = encoder.encode(chosen)
+    extra = th.transformer_kwargs(torch.zeros(len(chosen)), None, text,
+                                  th.guidance_tensor(len(chosen)))
+    for name in ("hidden_states", "timestep", "encoder_hidden_states", "return_dict"):
+        del extra[name]  # SmallDiT.inputs passes these
+    return SmallDiT("tiny-video-hunyuan", transformer, tv.ClipSpec().clip_shape(len(chosen)),
+                    text.encoder_hidden_states, extra, scheduler_config=scheduler_config,
+                    prompts=chosen)
+
+
 FACTORIES: dict[str, Callable[..., SmallDiT]] = {"wan": wan, "cogvideox": cogvideox, "latte": latte,
                                                  "tiny-video": tiny_video_workload,
-                                                 "tiny-video-cogvideox": tiny_cogvideox_workload}
+                                                 "tiny-video-cogvideox": tiny_cogvideox_workload,
+                                                 "tiny-video-hunyuan": tiny_hunyuan_workload}
 
 
 def denoise(model: Callable, dit: SmallDiT, steps: int, seed: int = 0, on_step=None) -> torch.Tensor:
@@ -145,6 +171,14 @@ def tiny_cogvideox_dit(path=None):
     ``sample``)."""
     from foresight_compile.models.tiny_cogvideox.model import load_tiny_cogvideox
     return load_tiny_cogvideox(path)
+
+
+def tiny_hunyuan_dit(path=None):
+    """The trained tiny HunyuanVideo shipped with the package: ``(transformer,
+    prompt_encoder, scheduler_config)``; see ``foresight_compile.models.tiny_hunyuan``
+    (``sample``, ``transformer_kwargs``)."""
+    from foresight_compile.models.tiny_hunyuan.model import load_tiny_hunyuan
+    return load_tiny_hunyuan(path)
 
 
 def tiny_video_dit(path=None):

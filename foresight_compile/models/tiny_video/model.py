@@ -155,9 +155,10 @@ def load_tiny_video_dit(path: str | Path | None = None, device: str | torch.devi
 
 
 def load_saved(path: Path, meta_file: str, transformer_cls, saver: str,
-               device: str | torch.device) -> tuple:
-    """(transformer, prompt encoder, scheduler config) from the layout the savers of both tiny
-    models write (``transformer/``, ``prompt_encoder/``, ``meta_file``), eval mode; raises
+               device: str | torch.device, encoder_cls=None) -> tuple:
+    """(transformer, prompt encoder, scheduler config) from the layout the savers of the tiny
+    models write (``transformer/``, ``prompt_encoder/``, ``meta_file``), eval mode; the
+    prompt encoder's class is ``encoder_cls`` (default ``TinyPromptEncoder``); raises
     ``FileNotFoundError`` naming a missing file, ``ValueError`` on a vocabulary mismatch."""
     for needed in (meta_file, "transformer/config.json", "prompt_encoder/config.json"):
         if not (path / needed).is_file():
@@ -168,6 +169,7 @@ def load_saved(path: Path, meta_file: str, transformer_cls, saver: str,
         raise ValueError(f"{path / meta_file} has vocabulary {meta['vocab']}, this code "
                          f"tokenises with {list(VOCAB)}: weights and code are from different versions")
     transformer = transformer_cls.from_pretrained(path / "transformer").to(device).eval()
-    encoder = TinyPromptEncoder.from_pretrained(path / "prompt_encoder").to(device).eval()
+    encoder_cls = TinyPromptEncoder if encoder_cls is None else encoder_cls
+    encoder = encoder_cls.from_pretrained(path / "prompt_encoder").to(device).eval()
     scheduler = {k: v for k, v in meta["scheduler"].items() if k != "class"}
     return transformer, encoder, scheduler
