@@ -82,6 +82,7 @@ MODULES: dict[str, list[str]] = {
         UNITS, CONTROLLER,
         "tests/test_generation_length.py::test_the_length_read_off_the_timesteps_is_never_long_over_the_last_steps",
     ] + SAFETY,
+    "runtime/policies/budget.py": ["tests/test_policies.py", "tests/test_budget_units.py"],
 }
 # Mutants no test can kill, skipped before the run: inside an annotation (every module has
 # ``from __future__ import annotations``: annotations are never evaluated).
