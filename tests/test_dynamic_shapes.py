@@ -204,3 +204,36 @@ def test_krea2_compiles_on_different_shapes_with_its_blocks_cached():
             assert rel_err(out, model(**_krea2_inputs(height, width))[0]) <= 1e-5
     s = foresight_compile.stats(fast)
     assert s.accelerated and len(s.blocks) == 2 and s.steps == 3
+
+
+@pytest.mark.slow  # two Inductor compiles of the trained HunyuanVideo under dynamic shapes
+def test_a_strided_block_input_served_from_a_contiguous_cache_is_read_as_laid_out():
+    """HunyuanVideo's single-stream blocks read the video tokens as a view into the
+    [video; text] sequence (strided); when the block before was served, the same input is
+    a contiguous cache buffer. Symbolic code is compiled once for both: compiled for the
+    view's strides it read the buffer out of bounds (wrong values, then heap corruption),
+    where plain Inductor worked. The automatic-dynamic recompile of a changed timestep
+    batch reaches it the way a benchmark or a pipeline switching prompt counts does."""
+    from foresight_compile import models
+    dit = models.tiny_hunyuan_workload(prompts=2)
+    x = torch.randn(dit.latent_shape, generator=torch.Generator().manual_seed(0))
+    options = {"policy": "static", "warmup": 1, "recompute_every": 3}
+
+    def run(lowering):
+        torch._dynamo.reset()
+        fast = torch.compile(dit.model, backend="foresight",
+                             options={**options, "lowering": lowering, "strict": True})
+        with torch.no_grad():
+            fast(**dit.inputs(x, torch.tensor([999.0])))  # batch-1 timestep: static code
+            foresight_compile.reset(fast)
+            outs = [dit.prediction(fast(**dit.inputs(x, torch.tensor([t]).expand(2))))
+                    for t in (990.0, 980.0, 970.0, 960.0)]
+        return outs, foresight_compile.stats(fast)
+
+    expected, eager_stats = run("eager")
+    got, stats = run("inductor")
+    assert [any(r) for r in stats.mask[-4:]] == [any(r) for r in eager_stats.mask[-4:]]
+    assert any(any(r) for r in stats.mask[-4:])  # blocks were served
+    for e, g in zip(expected, got):
+        assert rel_err(g, e) < 1e-4
+    torch._dynamo.reset()

