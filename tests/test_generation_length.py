@@ -19,10 +19,12 @@ def _served_steps(fast, steps: int) -> list[bool]:
     return [all(row) for row in foresight_compile.stats(fast).mask[-steps:]]
 
 
-@pytest.fixture(scope="module", params=["tiny-video", "tiny-video-cogvideox"])
+@pytest.fixture(scope="module", params=["tiny-video", "tiny-video-cogvideox",
+                                        pytest.param("tiny-video-hunyuan", marks=pytest.mark.slow)])
 def workload(request):
     factory = {"tiny-video": models.tiny_video_workload,
-               "tiny-video-cogvideox": models.tiny_cogvideox_workload}[request.param]
+               "tiny-video-cogvideox": models.tiny_cogvideox_workload,
+               "tiny-video-hunyuan": models.tiny_hunyuan_workload}[request.param]
     return factory(prompts=1)
 
 
