@@ -133,6 +133,10 @@ def _contiguous_twin(value: torch.Tensor) -> torch.Tensor:
         return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 
+def _contiguous_args(args, indices: tuple[int, ...]) -> tuple:
+    return tuple(a.contiguous() if i in indices else a for i, a in enumerate(args))
+
+
 def _contiguous_at(fn: Callable, indices: tuple[int, ...]) -> Callable:
     """``fn`` with its inputs at ``indices`` made contiguous first (a no-op for an input
     that is: a served cache buffer; a copy of a computed view)."""
@@ -266,7 +270,8 @@ def plain_inductor(gm: fx.GraphModule, symbolic: bool = False) -> Callable:
 
 class Segment:
     """A callable segment; under Inductor it binds compiled code at its first call (static
-    shapes) or at construction (symbolic shapes: bound for good)."""
+    shapes) or at construction (symbolic shapes: bound for good). Either way an input that
+    was a strided view when the code was bound is made contiguous at every call."""
 
     __slots__ = ("_compiler", "gm", "graph_key", "fn", "symbolic")
 
@@ -288,7 +293,13 @@ class Segment:
         fn = self.fn
         if fn is not None:
             return fn(*args)
-        fn = self.fn = self._compiler.compiled((self.graph_key, _args_key(args)), self.gm, args)
+        # As for symbolic code (SegmentCompiler.segment): an input that arrives as a strided
+        # view when computed and as a contiguous cache buffer when served binds contiguous code.
+        strided = tuple(i for i, a in enumerate(args)
+                        if isinstance(a, torch.Tensor) and not a.is_contiguous())
+        fn = self._compiler.compiled((self.graph_key, _args_key(_contiguous_args(args, strided))),
+                                     self.gm, _contiguous_args(args, strided))
+        fn = self.fn = fn if not strided else _contiguous_at(fn, strided)
         try:
             return fn(*args)
         except Exception as e:  # the first run of freshly bound code: ours, not the model's
