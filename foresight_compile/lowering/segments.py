@@ -297,8 +297,8 @@ class Segment:
         # view when computed and as a contiguous cache buffer when served binds contiguous code.
         strided = tuple(i for i, a in enumerate(args)
                         if isinstance(a, torch.Tensor) and not a.is_contiguous())
-        fn = self._compiler.compiled((self.graph_key, _args_key(_contiguous_args(args, strided))),
-                                     self.gm, _contiguous_args(args, strided))
+        bound = _contiguous_args(args, strided)
+        fn = self._compiler.compiled((self.graph_key, _args_key(bound)), self.gm, bound)
         fn = self.fn = fn if not strided else _contiguous_at(fn, strided)
         try:
             return fn(*args)
