@@ -8,8 +8,9 @@ suite sweeps one model at 30 steps; the benchmark job the three shipped models a
 What the allowance stands for (``examples/estimate_vs_truth.py``): within a run of served
 steps the errors add coherently, across runs they partly cancel, so which steps a run covers
 (it shifts with the knob) moves a realisation by up to 1-2 dB around the runs'
-root-sum-square. Four cases still show it, strict xfails until the policy removes that
-interference: tolerance 0.2 -> 0.4 on the tiny CogVideoX at 30 steps (41.1 then 43.1 dB) and
+root-sum-square. Four cases still show it, xfails until the policy removes that interference
+(not strict: which step a run covers can flip on another CPU's rounding, and with it these
+realisations): tolerance 0.2 -> 0.4 on the tiny CogVideoX at 30 steps (41.1 then 43.1 dB) and
 on the tiny HunyuanVideo at 50 (45.8 then 47.5 dB); ``max_run`` 2 -> 3 at 50 steps on the
 tiny video DiT (42.2 then 49.0 dB) and the tiny HunyuanVideo (52.4 then 56.9 dB): runs of
 two served steps (a compute every third step) lose 4-7 dB against runs of three on both,
@@ -70,7 +71,7 @@ _CASES = [(n, s) for n in WORKLOADS for s in (30, 50)]
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps", [
     pytest.param(n, s, marks=pytest.mark.xfail(
-        strict=True, reason=f"interference between runs: {_INTERFERENCE[n, s]}"))
+        strict=False, reason=f"interference between runs: {_INTERFERENCE[n, s]}"))
     if (n, s) in _INTERFERENCE else (n, s) for n, s in _CASES])
 def test_tolerance_is_monotone_on_every_trained_model(name, steps):
     _assert_monotone(_sweep(name, steps, [{"tolerance": t} for t in TOLERANCES]), TOLERANCES)
@@ -78,10 +79,10 @@ def test_tolerance_is_monotone_on_every_trained_model(name, steps):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
-    pytest.param("tiny-video", marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param("tiny-video", marks=pytest.mark.xfail(strict=False, reason=(
         "interference between runs: runs of 2 -> 42.2 dB, of 3 -> 49.0 dB"))),
     "tiny-video-cogvideox",
-    pytest.param("tiny-video-hunyuan", marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param("tiny-video-hunyuan", marks=pytest.mark.xfail(strict=False, reason=(
         "interference between runs: runs of 2 -> 52.4 dB, of 3 -> 56.9 dB")))])
 def test_max_run_is_monotone_on_every_trained_model(name):
     runs = (2, 3, 4, 6)
