@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from foresight_compile.lowering.segments import SegmentCompiler, meta_value
+from foresight_compile.lowering.segments import SegmentCompiler, contiguous_fake, meta_value
 from foresight_compile.passes.cache_update import (serve_graph, store_graph, stored_per_value,
                                                    with_cache_update)
 from foresight_compile.passes.change_metric import STATS_COLUMNS, latent_change_graph
@@ -91,15 +91,6 @@ def planned_bytes(values: Sequence[tuple[tuple[int | None, ...], torch.dtype]], 
     return total
 
 
-def _fake(like: Any, shape: Sequence, dtype: torch.dtype) -> Any:
-    """A contiguous fake tensor in ``like``'s fake mode and device (None without one)."""
-    mode = getattr(like, "fake_mode", None)
-    if mode is None:
-        return None
-    with mode:
-        return torch.empty(tuple(shape), dtype=dtype, device=like.device)
-
-
 def _twin(value: Any) -> Any:
     """A distinct fake tensor with ``value``'s metadata (each history slot is its own
     buffer: equal fakes would be compiled as one aliased input)."""
@@ -144,9 +135,10 @@ def _block_examples(sub: fx.GraphModule, slots: int, storage: str | None
     for _ in range(slots):
         history += [t for v in outs for t in _stored_like(v, storage)]
         if stored_per_value(storage) > 1:
-            history += [_fake(like, (), torch.float32) for _ in outs]
-    return ins, history, _fake(like, (slots,), torch.float32), \
-        _fake(like, (STATS_COLUMNS,), torch.float32), [getattr(v, "dtype", None) for v in outs]
+            history += [contiguous_fake(like, (), torch.float32) for _ in outs]
+    return (ins, history, contiguous_fake(like, (slots,), torch.float32),
+            contiguous_fake(like, (STATS_COLUMNS,), torch.float32),
+            [getattr(v, "dtype", None) for v in outs])
 
 
 def build_plan(segmented: Segmented, compiler: SegmentCompiler, layout: HistoryLayout | None,
@@ -204,8 +196,9 @@ def build_plan(segmented: Segmented, compiler: SegmentCompiler, layout: HistoryL
     if probe_input is not None:
         latent = meta_value(list(gm.graph.find_nodes(op="placeholder"))[probe_input])
         probe = compiler.segment(_with_examples(latent_change_graph(), [
-            latent, _fake(latent, getattr(latent, "shape", ()), getattr(latent, "dtype", None)),
-            _fake(latent, (ROW_STRIDE,), torch.float32)]))
+            latent,
+            contiguous_fake(latent, getattr(latent, "shape", ()), getattr(latent, "dtype", None)),
+            contiguous_fake(latent, (ROW_STRIDE,), torch.float32)]))
     return SegmentPlan(tuple(steps), num_args, len(env), output_spec,
                        len(segmented.block_submods), probe,
                        -1 if probe_input is None else probe_input)

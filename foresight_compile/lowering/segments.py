@@ -127,10 +127,19 @@ def example_args(gm: fx.GraphModule) -> list:
     return [_backend_fake(v) for v in values]
 
 
-def _contiguous_twin(value: torch.Tensor) -> torch.Tensor:
-    """A contiguous fake tensor of ``value``'s (symbolic) size, dtype and device."""
-    with value.fake_mode:
-        return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+def contiguous_fake(like: Any, shape, dtype: torch.dtype) -> Any:
+    """A contiguous fake tensor in ``like``'s fake mode and device (None without one)."""
+    mode = getattr(like, "fake_mode", None)
+    if mode is None:
+        return None
+    with mode:
+        return torch.empty(tuple(shape), dtype=dtype, device=like.device)
+
+
+def _strided(args) -> tuple[int, ...]:
+    """Indices of the tensor arguments that are not contiguous (views into larger tensors)."""
+    return tuple(i for i, a in enumerate(args)
+                 if isinstance(a, torch.Tensor) and not a.is_contiguous())
 
 
 def _contiguous_args(args, indices: tuple[int, ...]) -> tuple:
@@ -204,9 +213,9 @@ class SegmentCompiler:
         # contiguous cache buffer when its producer was served, and code compiled for the
         # view's strides would index that buffer out of bounds (the symbolic code is bound
         # once, for every call, and trusts its inputs' layout).
-        strided = tuple(i for i, a in enumerate(args)
-                        if isinstance(a, torch.Tensor) and not a.is_contiguous())
-        args = [_contiguous_twin(a) if i in strided else a for i, a in enumerate(args)]
+        strided = _strided(args)
+        args = [contiguous_fake(a, a.shape, a.dtype) if i in strided else a
+                for i, a in enumerate(args)]
         segment = Segment(self, gm, graph_key(gm), symbolic=True)
         fn = self.compiled((segment.graph_key, _symbolic_args_key(args)), gm, args)
         segment.fn = fn if not strided else _contiguous_at(fn, strided)
@@ -295,8 +304,7 @@ class Segment:
             return fn(*args)
         # As for symbolic code (SegmentCompiler.segment): an input that arrives as a strided
         # view when computed and as a contiguous cache buffer when served binds contiguous code.
-        strided = tuple(i for i, a in enumerate(args)
-                        if isinstance(a, torch.Tensor) and not a.is_contiguous())
+        strided = _strided(args)
         bound = _contiguous_args(args, strided)
         fn = self._compiler.compiled((self.graph_key, _args_key(bound)), self.gm, bound)
         fn = self.fn = fn if not strided else _contiguous_at(fn, strided)
