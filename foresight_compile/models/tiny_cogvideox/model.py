@@ -26,16 +26,15 @@ tuned to one model:
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-from foresight_compile.models.tiny_video.data import VOCAB, ClipSpec, null_tokens
-from foresight_compile.models.tiny_video.model import SCHEDULER_CONFIG, TinyPromptEncoder, load_saved
+from foresight_compile.models.tiny_video.data import ClipSpec, null_tokens
+from foresight_compile.models.tiny_video.model import (SCHEDULER_CONFIG, TinyPromptEncoder,
+                                                      load_saved, save_layout)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_cogvideox"
 META_FILE = "tiny_cogvideox.json"
@@ -107,17 +106,12 @@ def save_tiny_cogvideox(model: TinyCogVideoX, path: str | Path, training: dict |
     """``transformer/`` and ``prompt_encoder/`` (diffusers ``save_pretrained``, safetensors)
     and ``tiny_cogvideox.json`` (vocabulary, clip spec, packing, scheduler, prediction
     convention, training record)."""
-    path = Path(path)
-    model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
-    model.prompt_encoder.save_pretrained(path / "prompt_encoder", safe_serialization=True)
-    meta = {"vocab": list(VOCAB), "clip": dataclasses.asdict(ClipSpec()),
-            "input_layout": f"hidden_states (B, F/{FRAMES_PER_TOKEN}, 3*{FRAMES_PER_TOKEN}, H, W): "
-                            "consecutive frame pairs stacked on channels (tiny_cogvideox.pack)",
-            "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", **model.scheduler_config},
-            "prediction": "velocity = noise - x0 (direct model output); x_t = (1 - sigma) x0 + "
-                          "sigma noise; timestep = 1000 sigma; frames in [-1, 1]",
-            "training": training or {}}
-    (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    save_layout(model, path, META_FILE,
+                {"input_layout": f"hidden_states (B, F/{FRAMES_PER_TOKEN}, 3*{FRAMES_PER_TOKEN}, "
+                                 "H, W): consecutive frame pairs stacked on channels "
+                                 "(tiny_cogvideox.pack)"},
+                "velocity = noise - x0 (direct model output); x_t = (1 - sigma) x0 + sigma "
+                "noise; timestep = 1000 sigma; frames in [-1, 1]", training)
 
 
 def load_tiny_cogvideox(path: str | Path | None = None, device: str | torch.device = "cpu") -> TinyCogVideoX:

@@ -33,8 +33,6 @@ Same data, prompts, noise and evaluator as ``models.tiny_video`` (procedural cli
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -44,8 +42,8 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from foresight_compile.models.tiny_video.data import (MAX_OBJECTS, NONE, SLOTS_PER_OBJECT, VOCAB,
-                                                     ClipSpec, Prompt, as_prompts, null_tokens)
-from foresight_compile.models.tiny_video.model import SCHEDULER_CONFIG, load_saved
+                                                     Prompt, as_prompts, null_tokens)
+from foresight_compile.models.tiny_video.model import SCHEDULER_CONFIG, load_saved, save_layout
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_hunyuan_video"
 META_FILE = "tiny_hunyuan_video.json"
@@ -157,20 +155,14 @@ def save_tiny_hunyuan(model: TinyHunyuan, path: str | Path, training: dict | Non
     """``transformer/`` and ``prompt_encoder/`` (diffusers ``save_pretrained``, safetensors)
     and ``tiny_hunyuan_video.json`` (vocabulary, clip spec, scheduler, prediction convention,
     training record)."""
-    path = Path(path)
-    model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
-    model.prompt_encoder.save_pretrained(path / "prompt_encoder", safe_serialization=True)
-    meta = {"vocab": list(VOCAB), "clip": dataclasses.asdict(ClipSpec()),
-            "input_layout": "hidden_states (B, 3, F, H, W): the clip itself (pixel space), "
-                            "patch (2, 4, 4)",
-            "text_inputs": "encoder_hidden_states (B, 8, 64), encoder_attention_mask (B, 8) "
-                           "(<none> slots masked), pooled_projections (B, 64): "
-                           "TinyHunyuanPromptEncoder; guidance ignored (guidance_embeds=False)",
-            "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", **model.scheduler_config},
-            "prediction": "velocity = noise - x0 (direct model output); x_t = (1 - sigma) x0 + "
-                          "sigma noise; timestep = 1000 sigma; frames in [-1, 1]",
-            "training": training or {}}
-    (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    save_layout(model, path, META_FILE,
+                {"input_layout": "hidden_states (B, 3, F, H, W): the clip itself (pixel space), "
+                                 "patch (2, 4, 4)",
+                 "text_inputs": "encoder_hidden_states (B, 8, 64), encoder_attention_mask (B, 8) "
+                                "(<none> slots masked), pooled_projections (B, 64): "
+                                "TinyHunyuanPromptEncoder; guidance ignored (guidance_embeds=False)"},
+                "velocity = noise - x0 (direct model output); x_t = (1 - sigma) x0 + sigma "
+                "noise; timestep = 1000 sigma; frames in [-1, 1]", training)
 
 
 def load_tiny_hunyuan(path: str | Path | None = None, device: str | torch.device = "cpu") -> TinyHunyuan:

@@ -131,15 +131,24 @@ def save_tiny_video_dit(model: TinyVideoDiT, path: str | Path, training: dict | 
     """Write ``transformer/`` and ``prompt_encoder/`` (diffusers ``save_pretrained``,
     safetensors) and ``tiny_video.json`` (vocabulary, clip spec, scheduler config, and the
     training record if given) under ``path``."""
+    save_layout(model, path, META_FILE, {},
+                "velocity = noise - x0; x_t = (1 - sigma) x0 + sigma noise; "
+                "timestep = 1000 sigma; frames in [-1, 1]", training)
+
+
+def save_layout(model, path: str | Path, meta_file: str, layout: dict, prediction: str,
+                training: dict | None) -> None:
+    """The layout ``load_saved`` reads, for every tiny model: ``transformer/`` and
+    ``prompt_encoder/`` (diffusers ``save_pretrained``, safetensors) and ``meta_file``
+    (vocabulary, clip spec, the model's own ``layout`` entries, scheduler, ``prediction``
+    convention, training record)."""
     path = Path(path)
     model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
     model.prompt_encoder.save_pretrained(path / "prompt_encoder", safe_serialization=True)
-    meta = {"vocab": list(VOCAB), "clip": dataclasses.asdict(ClipSpec()),
+    meta = {"vocab": list(VOCAB), "clip": dataclasses.asdict(ClipSpec()), **layout,
             "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", **model.scheduler_config},
-            "prediction": "velocity = noise - x0; x_t = (1 - sigma) x0 + sigma noise; "
-                          "timestep = 1000 sigma; frames in [-1, 1]",
-            "training": training or {}}
-    (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            "prediction": prediction, "training": training or {}}
+    (path / meta_file).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def load_tiny_video_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> TinyVideoDiT:
