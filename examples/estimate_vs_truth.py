@@ -42,12 +42,6 @@ from foresight_compile.bench.metrics import psnr  # noqa: E402
 from foresight_compile.runtime.policies import budget  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-WORKLOADS = {"tiny-video": models.tiny_video_workload,
-             "tiny-video-cogvideox": models.tiny_cogvideox_workload}
-try:  # the third trained model, when the package has it
-    WORKLOADS["tiny-video-hunyuan"] = models.tiny_hunyuan_workload  # type: ignore[attr-defined]
-except AttributeError:
-    pass
 
 
 class EstimateRecorder:
@@ -96,7 +90,7 @@ def _tail(dit, x, start: int, timesteps, sigmas) -> torch.Tensor:
 
 
 def measure(name: str, steps: int, options: dict, seed: int = 0) -> dict:
-    dit = WORKLOADS[name](prompts=4)
+    dit = models.FACTORIES[name](prompts=4)
     timesteps, sigmas = _sigmas(dit, steps)
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(dit.latent_shape, generator=g)
@@ -195,7 +189,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny-video", "tiny-video-cogvideox"])
+    ap.add_argument("--models", nargs="+", default=["tiny-video", "tiny-video-cogvideox"],
+                    help="trained workloads of models.FACTORIES (also tiny-video-hunyuan)")
     ap.add_argument("--steps", nargs="+", type=int, default=[30, 50])
     ap.add_argument("--tolerance", type=float, nargs="+", default=[None])
     ap.add_argument("--threads", type=int, default=1)

@@ -22,10 +22,7 @@ def _served_steps(fast, steps: int) -> list[bool]:
 @pytest.fixture(scope="module", params=["tiny-video", "tiny-video-cogvideox",
                                         pytest.param("tiny-video-hunyuan", marks=pytest.mark.slow)])
 def workload(request):
-    factory = {"tiny-video": models.tiny_video_workload,
-               "tiny-video-cogvideox": models.tiny_cogvideox_workload,
-               "tiny-video-hunyuan": models.tiny_hunyuan_workload}[request.param]
-    return factory(prompts=1)
+    return models.FACTORIES[request.param](prompts=1)
 
 
 def test_the_bare_loop_decides_as_the_pipeline_path_from_the_second_generation(workload):
