@@ -82,9 +82,9 @@ def test_fraction_warmup_unknown_length_computes_everything():
 def test_budget_computes_the_warmup_the_tail_and_after_a_run_of_an_eighth_of_the_steps():
     p = get_policy("budget")(Options())
     assert p.order == 1 and p.default_warmup == 3
-    # the tail: a tenth of the steps, at least 2
-    assert [s for s in range(50) if p.computes_all(s, 3, 50, run=0)] == [0, 1, 2, 45, 46, 47, 48, 49]
-    assert [s for s in range(30) if p.computes_all(s, 3, 30, run=0)] == [0, 1, 2, 27, 28, 29]
+    # the tail: the last two steps, whatever the length
+    assert [s for s in range(50) if p.computes_all(s, 3, 50, run=0)] == [0, 1, 2, 48, 49]
+    assert [s for s in range(30) if p.computes_all(s, 3, 30, run=0)] == [0, 1, 2, 28, 29]
     assert [s for s in range(12) if p.computes_all(s, 3, 12, run=0)] == [0, 1, 2, 10, 11]
     assert p.computes_all(20, 3, 50, run=6) and not p.computes_all(20, 3, 50, run=5)
     assert p.computes_all(12, 3, 30, run=4)  # 30 steps: runs of at most 4

@@ -22,15 +22,14 @@ every-R-steps refresh):
   the last compute); a run of served steps accumulates ``A += est``; step ``t`` is served
   while ``A + est <= tolerance``, and every block computes again when it is not. The first
   ``order + 2`` steps (warmup) compute, so the history and ``c`` are measured before any
-  reuse; the last tenth of the steps (at least ``TAIL``) compute (their error lands in the
-  output undamped, and the forecast's error grows fastest there); at most ``max_run``
-  steps in a row are served (default: an eighth of the generation).
+  reuse; the last ``TAIL`` steps compute (their error lands in the output undamped); at
+  most ``max_run`` steps in a row are served (default: an eighth of the generation).
 
 ``tolerance`` is the one quality knob: larger serves more steps (a run ends later; the
 served share never fell as it rose in the trained models' sweeps, tests/test_quality_knob.py).
-The final error follows the runs' root-sum-square, but a realisation carries 1-2 dB of
-interference between runs (which steps a run covers shifts with the knob), measured in
-``examples/estimate_vs_truth.py``.
+PSNR falls with it only within 1-4 dB of interference between runs: early runs' errors
+cancel part of what later runs add, and which steps a run covers shifts with the knob
+(``examples/estimate_vs_truth.py``; docs/DESIGN.md, "What a served step costs").
 
 All of it runs on the device, from the previous step's metrics (or the one before, with
 ``lookahead=2``): the decision is a bool written into a preallocated flag, host scalars
@@ -45,16 +44,12 @@ import torch
 
 from foresight_compile.runtime.policies.base import PolicyState, ReusePolicy
 
+# The last two steps compute: their error lands in the output undamped. Longer tails were
+# measured (examples/estimate_vs_truth.py, the sweep of tests/test_quality_knob.py): the
+# last tenth of the steps (5 of 50) gave on the three trained models the same points as
+# two with a smaller tolerance (tiny-video, 50 steps: 70% served at 44.1 dB either way),
+# and 3-4 fewer points of reuse at the default, which took the 50-step speedup under 3x.
 TAIL = 2
-# ... or a tenth of the generation when that is more (5 of 50, 3 of 30): the last run of
-# served steps is the one nothing later can absorb. Measured on both trained models
-# (examples/estimate_vs_truth.py): within a run the served steps' errors add coherently
-# (|sum| is 0.92-0.97 of the sum of |terms|), across runs they partly cancel (the final error is
-# 0.5-1.1x the runs' root-sum-square), and over the last tenth of a shifted schedule the
-# forecast's error grows several times faster than the rate measured before it (tiny-video,
-# 50 steps: 0.04 -> 0.28 over steps 44-47): a rule that served more of the end lost 3-6 dB,
-# its last run carrying up to three quarters of the final error.
-TAIL_FRACTION = 10
 # A run of served steps spans at most 1/8 of the generation (unless max_run says otherwise):
 # measured on both trained models, 50 and 30 steps, longer runs lost 2-6 dB at the same reuse
 # (the budget's estimate grows with the gap, but not as fast as the true error far out).
@@ -93,8 +88,9 @@ class BudgetReuse(ReusePolicy):
 
     @staticmethod
     def tail(total: int) -> int:
-        """How many steps at the end of a generation of ``total`` steps compute."""
-        return max(TAIL, round(total / TAIL_FRACTION))
+        """How many steps at the end of a generation of ``total`` steps compute (``TAIL``
+        whatever the length: a longer tail moved points along the front, not above it)."""
+        return TAIL
 
     def max_run(self, total: int | None) -> int:
         """The longest run of served steps: the option, else an eighth of the generation."""
