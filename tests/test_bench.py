@@ -1,4 +1,5 @@
 """bench and check: numbers come from real runs; gates catch disabled or stale reuse."""
+import dataclasses
 import json
 
 import pytest
@@ -38,6 +39,7 @@ def report():
     torch._dynamo.reset()
     methods = [MethodSpec("eager"), MethodSpec("none", (("lowering", "eager"),)),
                MethodSpec("static", (("lowering", "eager"), ("warmup", 2), ("recompute_every", 3))),
+               MethodSpec("budget", (("lowering", "eager"),)),
                MethodSpec("fbc", (("threshold", 0.5),))]
     rep = run_bench("wan", methods, steps=STEPS, repeats=1, progress=False)
     yield rep
@@ -134,16 +136,33 @@ def test_report_json_schema_is_stable(report, tmp_path):
     assert set(data["fronts"]) == {"ours", "peer"}  # derived: written, ignored when read
     assert set(data["methods"][0]) == {"name", "kind", "family", "options", "compiled", "seconds",
                                        "speedup", "compile_seconds", "compile_ratio", "skipped",
-                                       "cache_bytes", "psnr", "ssim", "ceiling", "error"}
+                                       "cache_bytes", "psnr", "ssim", "ceiling", "pipeline_psnr",
+                                       "pipeline_same_mask", "error"}
     again = BenchReport.from_dict(data)
     assert [m.name for m in again.methods] == [m.name for m in report.methods]
     fbc = report.method("fbc(threshold=0.5)")  # cache MiB of a peer in both tables
     assert f"{fbc.cache_bytes / 2**20:.2f} |" in report.markdown()
     (row,) = [line for line in report.table().splitlines() if line.startswith(fbc.name)]
-    assert row.endswith(f"{fbc.cache_bytes / 2**20:.2f}")
+    assert row.split()[-2:] == [f"{fbc.cache_bytes / 2**20:.2f}", "-"]  # no pipeline path: a peer
     path = tmp_path / "pareto.png"
     report.pareto_plot(str(path))
     assert path.stat().st_size > 5000
+
+
+def test_ours_are_also_run_on_the_pipeline_path_and_serve_the_same_steps(report):
+    """The timed bare loop (step count learned from the generation before) and a pipeline's
+    ``generation(num_steps)`` serve the same steps, so the table's speed holds for both."""
+    for name in ("budget(lowering=eager)", "static(lowering=eager,warmup=2,recompute_every=3)"):
+        m = report.method(name)
+        assert m.skipped > 0.2 and m.pipeline_same_mask is True, name
+        assert m.pipeline_psnr == pytest.approx(m.psnr, abs=1e-3), name
+        (row,) = [line for line in report.table().splitlines() if line.startswith(name)]
+        assert row.split()[-1] == f"{m.pipeline_psnr:.1f}="
+    for name in ("eager", "fbc(threshold=0.5)"):
+        assert report.method(name).pipeline_psnr is None
+    budget = report.method("budget(lowering=eager)")
+    other = dataclasses.replace(report, methods=[dataclasses.replace(budget, pipeline_same_mask=False)])
+    assert other.table().splitlines()[2].split()[-1] == f"{budget.pipeline_psnr:.1f}!="
 
 
 def test_stale_cache_drops_psnr_below_the_gate_and_disabled_reuse_fails_skipped():

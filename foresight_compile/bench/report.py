@@ -16,6 +16,9 @@ JSON schema (``schema_version`` 1)::
                                                   # the uncached model's (memory.py census)
                   "psnr": float|null, "ssim": float|null,  # final latent vs uncached eager
                   "ceiling": float|null,          # 1 / (1 - block_share * skipped)
+                  "pipeline_psnr": float|null,    # ours: the same generation inside
+                                                  # generation(num_steps) (the pipeline path)
+                  "pipeline_same_mask": bool|null,  # ours: both paths served the same steps
                   "error": str|null}],            # why a method did not run
      # derived from "methods" when written (ignored when read):
      "fronts": {"ours": [name, ...], "peer": [name, ...]},   # Pareto-optimal, fastest first
@@ -61,6 +64,8 @@ class MethodResult:
     psnr: float | None = None
     ssim: float | None = None
     ceiling: float | None = None
+    pipeline_psnr: float | None = None
+    pipeline_same_mask: bool | None = None
     error: str | None = None
 
 
@@ -198,7 +203,7 @@ class BenchReport:
 
     def table(self) -> str:
         head = (f"{'method':<34}{'s/gen':>7}{'speedup':>9}{'ceiling':>8}{'skipped':>8}"
-                f"{'PSNR':>7}{'SSIM':>7}{'compile s':>10}{'cache MiB':>10}")
+                f"{'PSNR':>7}{'SSIM':>7}{'compile s':>10}{'cache MiB':>10}{'pipeline':>9}")
         lines = [f"{self.workload}: {self.steps} steps, median of {self.repeats}, "
                  f"block share f={_f(self.block_share, '.2f')}", head]
         for m in self.methods:
@@ -209,7 +214,7 @@ class BenchReport:
                 f"{m.name:<34}{_f(m.seconds, '.2f'):>7}{_f(m.speedup, '.2f', 'x'):>9}"
                 f"{_f(m.ceiling, '.2f', 'x'):>8}{_f(m.skipped, '.0%'):>8}{_f(m.psnr, '.1f'):>7}"
                 f"{_f(m.ssim, '.3f'):>7}{_f(m.compile_seconds, '.1f'):>10}"
-                f"{_f(_mib(m), '.2f'):>10}")
+                f"{_f(_mib(m), '.2f'):>10}{_pipeline(m):>9}")
         for family in ("ours", "peer"):
             front = self.front(family)
             if front:
@@ -219,17 +224,17 @@ class BenchReport:
         return "\n".join(lines + ([verdict] if verdict else []))
 
     def markdown(self) -> str:
-        rows = ["| method | s/gen | speedup | ceiling | skipped | PSNR dB | SSIM | compile s | cache MiB |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = ["| method | s/gen | speedup | ceiling | skipped | PSNR dB | SSIM | compile s | cache MiB "
+                "| pipeline path |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in self.methods:
             if m.error:
-                rows.append(f"| {m.name} | skipped: {m.error} |||||||| ")
+                rows.append(f"| {m.name} | skipped: {m.error} ||||||||| ")
                 continue
             rows.append(
                 f"| {m.name} | {_f(m.seconds, '.2f')} | {_f(m.speedup, '.2f', 'x')} | "
                 f"{_f(m.ceiling, '.2f', 'x')} | {_f(m.skipped, '.0%')} | {_f(m.psnr, '.1f')} | "
                 f"{_f(m.ssim, '.3f')} | {_f(m.compile_seconds, '.1f')} | "
-                f"{_f(_mib(m), '.2f')} |")
+                f"{_f(_mib(m), '.2f')} | {_pipeline(m)} |")
         return (f"**{self.workload}**, {self.steps} steps, median of {self.repeats} generations, "
                 f"torch {self.torch}, diffusers {self.diffusers}, {self.threads} threads, "
                 f"{self.date}; block share f = {_f(self.block_share, '.2f')}\n\n" + "\n".join(rows) + "\n"
@@ -268,6 +273,14 @@ class BenchReport:
 
 def _mib(m: MethodResult) -> float | None:
     return None if m.cache_bytes is None else m.cache_bytes / 2**20
+
+
+def _pipeline(m: MethodResult) -> str:
+    """Ours under ``generation(num_steps)``: its PSNR, ``=`` when it served the same steps as
+    the bare loop (the timed path), ``!=`` when not; ``-`` for baselines and peers."""
+    if m.pipeline_psnr is None:
+        return "-"
+    return f"{m.pipeline_psnr:.1f}{'=' if m.pipeline_same_mask else '!='}"
 
 
 def _point_label(m: MethodResult) -> str:

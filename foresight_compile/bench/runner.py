@@ -30,6 +30,22 @@ def _attention_calls(call, dit, steps: int, seed: int) -> int:
     return sum(e.count for e in prof.key_averages() if _ATTENTION_KERNEL.search(e.key))
 
 
+def _pipeline_path(res: MethodResult, p, dit, steps: int, seed: int, reference) -> None:
+    """Ours timed in a bare loop (``reset`` between generations, the step count learned from
+    the one before); a pipeline wraps each generation in ``generation(num_steps)``. Both
+    must serve the same steps: one more generation each way, masks compared."""
+    import foresight_compile
+
+    p.new_generation()
+    models.denoise(p.call, dit, steps, seed=seed)
+    loop = foresight_compile.stats(p.stats_target).mask
+    p.new_generation()
+    with foresight_compile.generation(num_steps=steps):
+        out = models.denoise(p.call, dit, steps, seed=seed)
+    res.pipeline_psnr = psnr(out, reference)
+    res.pipeline_same_mask = foresight_compile.stats(p.stats_target).mask == loop
+
+
 def _block_share(dit, seed: int, repeats: int = 5) -> float:
     """f = 1 - t(every block served from cache) / t(every block computed), with our executor."""
     import copy
@@ -136,6 +152,8 @@ def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version)
             res.compile_ratio = res.compile_seconds / base.compile_seconds
         res.psnr = psnr(outputs[name], reference)
         res.ssim = ssim(outputs[name], reference)
+        if p.stats_target is not None:
+            _pipeline_path(res, p, dit, steps, seed, reference)
         p.new_generation()
         done = _attention_calls(p.call, dit, steps, seed)
         res.skipped = max(0.0, 1.0 - done / uncached_attention) if uncached_attention else None
