@@ -56,7 +56,7 @@ class Options:
     otherwise: the papers' settings; 0 with form="graph")."""
     tolerance: float = 0.4
     """Policy "budget": the accumulated estimated relative error a run of served steps may
-    reach; the one quality knob (larger: more reuse, lower fidelity; the fidelity within 1-2
+    reach; the one quality knob (larger: more reuse, lower fidelity; the fidelity within 1-4
     dB of interference between runs, docs/DESIGN.md "What a served step costs")."""
     max_run: int | None = None
     """Policy "budget": at most this many steps in a row are served. None: an eighth of the
