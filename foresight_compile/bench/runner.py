@@ -33,7 +33,9 @@ def _attention_calls(call, dit, steps: int, seed: int) -> int:
 def _pipeline_path(res: MethodResult, p, dit, steps: int, seed: int, reference) -> None:
     """Ours timed in a bare loop (``reset`` between generations, the step count learned from
     the one before); a pipeline wraps each generation in ``generation(num_steps)``. Both
-    must serve the same steps: one more generation each way, masks compared."""
+    must serve the same steps: one more generation each way, masks compared. (The timed
+    rounds' masks are gone: every method here compiles the same module, and ``reset`` of
+    one clears the ``stats`` of all.)"""
     import foresight_compile
 
     p.new_generation()
