@@ -30,8 +30,9 @@ def _bench(args) -> int:
     if args.ours_from:  # read first: a wrong file fails before the long run
         with open(args.ours_from) as f:
             ours = BenchReport.from_dict(json.load(f))
-        ours.require_run_of(args.workload, args.steps)
-    report = run_bench(args.workload, methods, steps=args.steps, repeats=args.repeats, seed=args.seed)
+        ours.require_run_of(args.workload, args.steps, args.dtype)
+    report = run_bench(args.workload, methods, steps=args.steps, repeats=args.repeats, seed=args.seed,
+                       dtype=args.dtype)
     if args.ours_from:
         report = report.with_ours_from(ours)
     print(report.table())
@@ -65,7 +66,8 @@ def _check(args) -> int:
                 "'workload' and 'methods'")
         methods = parse_methods(bench["methods"], bench.get("sweep"))
         report = run_bench(bench["workload"], methods, steps=bench.get("steps", 30),
-                           repeats=bench.get("repeats", 5), seed=bench.get("seed", 0))
+                           repeats=bench.get("repeats", 5), seed=bench.get("seed", 0),
+                           dtype=bench.get("dtype", "float32"))
         print(report.table())
         if args.json:
             with open(args.json, "w") as f:
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a `bench --json` report of the same workload and steps: its points of "
                    "ours join the verdict and the plot (for peers that need their own process: "
                    "NAME+compile, cache-dit)")
+    b.add_argument("--dtype", default="float32",
+                   help="float32, bfloat16 or float16: cast the model (parameters and call inputs; the latent loop stays float32); "
+                   "PSNR is then against the eager run in the same dtype")
     b.add_argument("--json")
     b.add_argument("--markdown")
     b.add_argument("--plot", help="Pareto plot PNG: speedup vs PSNR")

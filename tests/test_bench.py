@@ -132,7 +132,8 @@ def test_report_json_schema_is_stable(report, tmp_path):
     data = json.loads(report.to_json())
     assert data["schema_version"] == 1
     assert set(data) == {"schema_version", "workload", "steps", "repeats", "seed", "date", "torch",
-                         "diffusers", "threads", "block_share", "methods", "fronts", "verdict"}
+                         "diffusers", "threads", "block_share", "dtype", "methods", "fronts", "verdict"}
+    assert data["dtype"] == "float32"
     assert set(data["fronts"]) == {"ours", "peer"}  # derived: written, ignored when read
     assert set(data["methods"][0]) == {"name", "kind", "family", "options", "compiled", "seconds",
                                        "speedup", "compile_seconds", "compile_ratio", "skipped",
@@ -345,6 +346,43 @@ def test_peers_of_their_own_process_are_judged_against_our_points_from_another_r
     path.write_text(report(ours.methods, steps=30).to_json())
     assert main(["bench", "--workload", "tiny-video", "--steps", "50", "--methods", "inductor",
                  "--ours-from", str(path)]) == 2
+
+
+def test_dtype_casts_the_model_and_measures_fidelity_against_the_eager_run_in_that_dtype(capsys):
+    from foresight_compile import models
+
+    torch._dynamo.reset()
+    dit = models.wan(layers=2)
+    methods = [MethodSpec("eager"), MethodSpec("budget", (("lowering", "eager"),))]
+    rep = run_bench(dit, methods, steps=STEPS, repeats=1, progress=False, dtype="bfloat16")
+    torch._dynamo.reset()
+    assert rep.dtype == "bfloat16"
+    # as from_pretrained(torch_dtype=torch.bfloat16) loads it: Wan's norms, time embedder and
+    # modulation tables (its _keep_in_fp32_modules) stay float32, the rest is bfloat16
+    kept = {n: p.dtype for n, p in dit.model.named_parameters()}
+    assert kept["scale_shift_table"] == torch.float32
+    assert kept["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
+    assert kept["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert kept["proj_out.weight"] == torch.bfloat16
+    # The reference is the eager bf16 run: eager is exact against it (against the float32
+    # run a bf16 model reads ~40 dB), and ours is measured, not exact.
+    assert rep.method("eager").psnr >= 100.0
+    ours = rep.method("budget(lowering=eager)")
+    assert ours.skipped > 0 and 20.0 < ours.psnr < 100.0
+    assert "bfloat16" in rep.table() and "bfloat16" in rep.markdown()
+    assert BenchReport.from_dict(json.loads(rep.to_json())).dtype == "bfloat16"
+    # Joining points of ours from another run needs the same dtype; old reports read float32.
+    as_float32 = dataclasses.replace(rep, dtype="float32")
+    with pytest.raises(ValueError, match="dtype is 'float32'"):
+        rep.with_ours_from(as_float32)
+    old = json.loads(as_float32.to_json())
+    del old["dtype"]
+    assert BenchReport.from_dict(old).dtype == "float32"
+    # Bad input: named, with what is accepted (the CLI exits 2 before loading anything).
+    with pytest.raises(ValueError, match="float64.*accepted: float32, bfloat16, float16"):
+        run_bench("wan", methods, steps=2, repeats=1, progress=False, dtype="float64")
+    assert main(["bench", "--workload", "wan", "--methods", "eager", "--dtype", "half"]) == 2
+    assert "dtype 'half' is not supported" in capsys.readouterr().err
 
 
 def test_cache_dit_adapts_a_subclass_of_a_transformer_it_knows_by_its_base_class():

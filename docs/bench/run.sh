@@ -16,6 +16,7 @@ FC=${FC:-foresight-compile}
 REPEATS=${REPEATS:-3}
 OURS="inductor,none,budget,budget(tolerance=0.02),budget(tolerance=0.05),budget(tolerance=0.1),budget(tolerance=0.2),budget(tolerance=1.0),budget(max_run=2),budget(max_run=3),budget(tolerance=1.0,max_run=5),budget(tolerance=1.0,max_run=8),budget(tolerance=10.0,max_run=16),budget(order=2,tolerance=0.05),budget(order=2,tolerance=0.2),foresight,static"
 PEERS="taylorseer,magcache,fbc,pab"
+CONSERVATIVE="inductor,none,budget(max_run=1),budget(tolerance=0.01),budget(tolerance=0.005),budget(order=2,tolerance=0.012),budget(warmup=0.6,max_run=1),budget(warmup=0.6,order=2,tolerance=0.05)"
 trained() {  # $1: workload
   for steps in 50 30; do
     name=$1-$steps
@@ -38,19 +39,28 @@ cache_dit() {  # DBCache with its TaylorSeer calibrator, swept (pip install 'for
       --json "$workload-50-cache-dit.json" --markdown "$workload-50-cache-dit.md" | tee "$workload-50-cache-dit.txt"
   done
 }
-conservative() {  # two more faithful points of ours than the main table's, for the peer
-  # points near exact (cache-dit at its low thresholds): runs of one served step, tolerance 0.01
+conservative() {  # more faithful points of ours than the main table's, for the peer points
+  # near exact (cache-dit and FirstBlockCache at their low thresholds): runs of one served
+  # step, the tolerance near zero, and reuse only in the last 40% of the steps
   for workload in tiny-video-hunyuan tiny-video-cogvideox; do
     $FC bench --workload "$workload" --steps 50 --repeats "$REPEATS" \
-      --methods "inductor,none,budget(max_run=1),budget(tolerance=0.01)" \
-      --json "$workload-50-conservative.json" | tee "$workload-50-conservative.txt"
+      --methods "$CONSERVATIVE" \
+      --json "$workload-50-conservative.json" --markdown "$workload-50-conservative.md" | tee "$workload-50-conservative.txt"
+  done
+}
+bf16() {  # the default in bfloat16 (models cast; PSNR against the eager bfloat16 run)
+  for workload in tiny-video tiny-video-cogvideox tiny-video-hunyuan; do
+    $FC bench --workload "$workload" --steps 50 --repeats "$REPEATS" --dtype bfloat16 \
+      --methods "inductor,none,budget" \
+      --json "$workload-50-bf16.json" --markdown "$workload-50-bf16.md" | tee "$workload-50-bf16.txt"
   done
 }
 for part in "${@}"; do
   case "$part" in
     cache-dit) cache_dit ;;
     conservative) conservative ;;
+    bf16) bf16 ;;
     *) trained "$part" ;;
   esac
 done
-if [ $# -eq 0 ]; then trained tiny-video; trained tiny-video-cogvideox; trained tiny-video-hunyuan; cache_dit; conservative; fi
+if [ $# -eq 0 ]; then trained tiny-video; trained tiny-video-cogvideox; trained tiny-video-hunyuan; cache_dit; conservative; bf16; fi

@@ -7,6 +7,7 @@ Thresholds file (TOML)::
     steps = 30
     repeats = 5
     methods = "inductor,none,static"
+    dtype = "float32"             # optional: bfloat16 / float16 cast the model (bench --dtype)
 
     [[gate]]                      # one per (workload, method); workload optional
     method = "static"
@@ -44,7 +45,7 @@ _GATE_BOUNDS = {
     "max_compile_ratio": ("compile_ratio", max), "max_cache_bytes": ("cache_bytes", max),
 }
 _GATE_KEYS = {"method", "workload", *_GATE_BOUNDS}
-_BENCH_KEYS = {"workload", "steps", "repeats", "methods", "seed", "sweep"}
+_BENCH_KEYS = {"workload", "steps", "repeats", "methods", "seed", "sweep", "dtype"}
 _REFERENCE_KEYS = {"results", "max_speedup_drop", "max_psnr_drop"}
 _TOP_KEYS = {"bench", "gate", "reference"}
 

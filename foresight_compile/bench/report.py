@@ -5,6 +5,7 @@ JSON schema (``schema_version`` 1)::
     {"schema_version": 1, "workload": str, "steps": int, "repeats": int, "seed": int,
      "date": ISO-8601 str, "torch": str, "diffusers": str, "threads": int,
      "block_share": float,            # f: share of a step spent in blocks (measured)
+     "dtype": str,                    # the model's precision (bench --dtype); absent: float32
      "methods": [{"name": str, "kind": str, "family": "baseline"|"ours"|"peer",
                   "options": {str: value}, "compiled": bool,
                   "seconds": float|null,          # median seconds per generation
@@ -115,6 +116,7 @@ class BenchReport:
     block_share: float | None
     methods: list[MethodResult]
     schema_version: int = SCHEMA_VERSION
+    dtype: str = "float32"  # the model's parameters and call inputs (workloads.in_dtype)
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -125,12 +127,12 @@ class BenchReport:
     def front(self, family: str) -> list[MethodResult]:
         return pareto_front([m for m in self.methods if m.family == family])
 
-    def require_run_of(self, workload: str, steps: int) -> None:
-        """Raises ValueError unless this report ran ``workload`` at ``steps`` steps."""
-        for key, want in (("workload", workload), ("steps", steps)):
+    def require_run_of(self, workload: str, steps: int, dtype: str = "float32") -> None:
+        """Raises ValueError unless this report ran ``workload`` at ``steps`` steps in ``dtype``."""
+        for key, want in (("workload", workload), ("steps", steps), ("dtype", dtype)):
             if getattr(self, key) != want:
                 raise ValueError(f"--ours-from: its {key} is {getattr(self, key)!r}, this run's is "
-                                 f"{want!r}; pass a report of the same workload and steps")
+                                 f"{want!r}; pass a report of the same workload, steps and dtype")
 
     def with_ours_from(self, other: "BenchReport") -> "BenchReport":
         """This report with ``other``'s points of ours added (for the verdict and the plot):
@@ -138,7 +140,7 @@ class BenchReport:
         are judged against our points measured in another process. Speedups are each run's
         ratio to its own inductor baseline, so they compare across processes; the workload
         and the step count must be the same."""
-        other.require_run_of(self.workload, self.steps)
+        other.require_run_of(self.workload, self.steps, self.dtype)
         names = {m.name for m in self.methods}
         added = [dataclasses.replace(m, name=f"{m.name} {OTHER_RUN}") for m in other.methods
                  if m.family == "ours" and m.name not in names]
@@ -204,7 +206,7 @@ class BenchReport:
     def table(self) -> str:
         head = (f"{'method':<34}{'s/gen':>7}{'speedup':>9}{'ceiling':>8}{'skipped':>8}"
                 f"{'PSNR':>7}{'SSIM':>7}{'compile s':>10}{'cache MiB':>10}{'pipeline':>9}")
-        lines = [f"{self.workload}: {self.steps} steps, median of {self.repeats}, "
+        lines = [f"{self.workload}: {self.steps} steps{self._dtype_note()}, median of {self.repeats}, "
                  f"block share f={_f(self.block_share, '.2f')}", head]
         for m in self.methods:
             if m.error:
@@ -223,6 +225,9 @@ class BenchReport:
         verdict = self.verdict_text()
         return "\n".join(lines + ([verdict] if verdict else []))
 
+    def _dtype_note(self) -> str:
+        return "" if self.dtype == "float32" else f", {self.dtype} (PSNR against the eager {self.dtype} run)"
+
     def markdown(self) -> str:
         rows = ["| method | s/gen | speedup | ceiling | skipped | PSNR dB | SSIM | compile s | cache MiB "
                 "| pipeline path |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -235,7 +240,7 @@ class BenchReport:
                 f"{_f(m.ceiling, '.2f', 'x')} | {_f(m.skipped, '.0%')} | {_f(m.psnr, '.1f')} | "
                 f"{_f(m.ssim, '.3f')} | {_f(m.compile_seconds, '.1f')} | "
                 f"{_f(_mib(m), '.2f')} | {_pipeline(m)} |")
-        return (f"**{self.workload}**, {self.steps} steps, median of {self.repeats} generations, "
+        return (f"**{self.workload}**, {self.steps} steps{self._dtype_note()}, median of {self.repeats} generations, "
                 f"torch {self.torch}, diffusers {self.diffusers}, {self.threads} threads, "
                 f"{self.date}; block share f = {_f(self.block_share, '.2f')}\n\n" + "\n".join(rows) + "\n"
                 + ("\n" + self.verdict_text(markdown=True) if self.verdict() else ""))

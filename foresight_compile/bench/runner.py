@@ -15,7 +15,7 @@ from foresight_compile.bench import memory
 from foresight_compile.bench.methods import MethodSpec
 from foresight_compile.bench.metrics import ceiling, psnr, ssim
 from foresight_compile.bench.report import BenchReport, MethodResult
-from foresight_compile.bench.workloads import load_workload
+from foresight_compile.bench.workloads import DTYPES, in_dtype, load_workload
 from foresight_compile.errors import ForesightValueError
 
 _ATTENTION_KERNEL = re.compile(r"_scaled_dot_product_\w*attention")
@@ -73,10 +73,15 @@ def _block_share(dit, seed: int, repeats: int = 5) -> float:
 
 
 def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats: int = 5,
-              seed: int = 0, progress: bool = True, name: str | None = None) -> BenchReport:
-    """Run every method on ``workload``; see ``report.BenchReport`` for what is measured."""
+              seed: int = 0, progress: bool = True, name: str | None = None,
+              dtype: str = "float32") -> BenchReport:
+    """Run every method on ``workload``; see ``report.BenchReport`` for what is measured.
+    ``dtype`` casts the model (``workloads.in_dtype``): the reference is then the eager run
+    in that dtype, so PSNR shows what caching costs on top of the precision."""
     import diffusers
 
+    if dtype not in DTYPES:  # before the workload loads
+        raise ForesightValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
     kinds = {s.kind for s in methods}
     if "cache-dit" in kinds and kinds - {"cache-dit", "inductor", "eager"}:
         # cache-dit patches diffusers classes process-wide: every model compiled or run after
@@ -95,6 +100,7 @@ def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats
             "peers with +compile change Dynamo's state for the whole process; benchmark them "
             "in a separate run with only the baselines, e.g. --methods inductor,fbc+compile")
     dit = load_workload(workload) if isinstance(workload, str) else workload
+    dit = in_dtype(dit, dtype)
     label = name or (workload if isinstance(workload, str) else type(workload).__name__)
     # Every method is a new backend on the same code object: give Dynamo room for all.
     limit = max(64, 4 * len(methods))
@@ -104,7 +110,9 @@ def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats
     # way), which made compile_ratio gates flip between runs.
     with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit * 8), \
             torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
-        return _run(dit, label, methods, steps, repeats, seed, progress, diffusers.__version__)
+        report = _run(dit, label, methods, steps, repeats, seed, progress, diffusers.__version__)
+    report.dtype = dtype
+    return report
 
 
 def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version) -> BenchReport:
