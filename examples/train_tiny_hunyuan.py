@@ -7,23 +7,23 @@ output (no reparametrisation, no loss weighting). Noise levels: logit-normal (70
 (30%) with the sampler's shift 3; 10% of the clips see the null prompt (classifier-free
 guidance); AdamW 1e-3 (betas 0.9/0.99, wd 0.01), 100 warm-up steps then cosine to 5%, grad-norm
 clip 1, EMA 0.998; residual branches and output head zero-initialised; 3000 steps x batch 16.
-The recipe is train_tiny_cogvideox.py's, unchanged. Seeded end to end (a rerun reproduces the
-loss curve to float rounding, below); prints the loss curve and periodic evaluations (EMA weights, first 16 evaluation
-prompts, 20 steps; they do not touch the training RNG), saves the EMA weights (diffusers
-layout) and a loss plot.
+The recipe is train_tiny_cogvideox.py's, unchanged. Seeded end to end (a rerun follows the
+shipped loss curve to float rounding, below); prints the loss curve and periodic evaluations
+(EMA weights, first 16 evaluation prompts, 20 steps; they do not touch the training RNG), saves
+the EMA weights (diffusers layout) and a loss plot.
 
     python examples/train_tiny_hunyuan.py                  # the shipped weights
     python examples/train_tiny_hunyuan.py --steps 50 --out /tmp/t  # a quick look
 
-Speed on this 2-core CPU (bf16 autocast under torch.compile, the default: 0.69-0.88 CPU-s
-per step against 1.07 eager). Measured on the idle machine (2026-12-07, load average 0.6 at
-the start): 3000 steps in 23.0 min wall (22.6 min training at 2.21 steps/s, 0.70 cpu-s/step,
-0.4 min of evaluations). The shipped run shared the machine with other jobs (load average
-2.5 at its start, 3.8-4.8 through it): 68.7 min wall, 0.88 cpu-s/step. The idle rerun
-matched the shipped loss curve to 4 digits through step 250 and within 3% after (float
-reduction order under threads and bf16 autocast is not bitwise repeatable): last-100 loss
-0.0384 against 0.0386, and its EMA samples at step 3000 follow every prompt (colour and
-direction 16/16), as the shipped weights do.
+Speed on this 2-core CPU (bf16 autocast under torch.compile, the default: 0.70-0.88 CPU-s per
+step against 1.07 eager). Measured on the idle machine (2026-12-07, load average 0.6 at the
+start; its record: ``examples/output/tiny_hunyuan_training_rerun.json``): 3000 steps in 23.0
+min wall (22.6 min training at 2.21 steps/s, 0.70 cpu-s/step, 0.4 min of evaluations). The
+shipped run shared the machine with other jobs (load average 2.5 at its start, 3.8-4.8 through
+it): 68.7 min wall, 0.88 cpu-s/step. The idle rerun matched the shipped loss curve to 4 digits
+through step 250 and within 3% after (float reduction order under threads and bf16 autocast is
+not bitwise repeatable): last-100 loss 0.0384 against 0.0386, and its EMA samples at step 3000
+follow every prompt (colour and direction 16/16), as the shipped weights do.
 The EMA weights follow prompts from step 1500 (16 evaluation prompts, 20 steps: colour
 16/16, direction 16/16 from step 2000; see ``evals_16_prompts_20_steps`` in the json).
 OMP_WAIT_POLICY=PASSIVE is set before torch loads (no spinning OpenMP threads on shared cores).

@@ -24,6 +24,9 @@ def _bench(args) -> int:
     from foresight_compile.bench import BenchReport, run_bench
     from foresight_compile.bench.methods import parse_methods, sweep_peers
 
+    from foresight_compile.bench.workloads import check_dtype
+
+    check_dtype(args.dtype)  # before anything is read or loaded
     methods = parse_methods(args.methods, _sweep(args.sweep))
     if args.sweep_peers:
         methods = sweep_peers(methods)
@@ -58,6 +61,10 @@ def _check(args) -> int:
                 report = BenchReport.from_dict(json.load(f))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ForesightValueError(f"results file {args.results!r} cannot be read: {e}") from None
+        want = thresholds.get("bench", {}).get("dtype")
+        if want is not None and want != report.dtype:
+            raise ForesightValueError(f"results file {args.results!r} ran in {report.dtype}; the "
+                                      f"thresholds' [bench] table says dtype = {want!r}")
     else:
         bench = thresholds.get("bench")
         if not bench or "workload" not in bench or "methods" not in bench:
@@ -95,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                    "(TaylorSeer interval x order, MagCache/FBC/cache-dit thresholds) and print "
                    "both Pareto fronts and, per peer point, our fastest point at its PSNR")
     b.add_argument("--ours-from", metavar="JSON",
-                   help="a `bench --json` report of the same workload and steps: its points of "
+                   help="a `bench --json` report of the same workload, steps and dtype: its points of "
                    "ours join the verdict and the plot (for peers that need their own process: "
                    "NAME+compile, cache-dit)")
     b.add_argument("--dtype", default="float32",
-                   help="float32, bfloat16 or float16: cast the model (parameters and call inputs; the latent loop stays float32); "
-                   "PSNR is then against the eager run in the same dtype")
+                   help="float32, bfloat16 or float16: the model cast as from_pretrained(torch_dtype=...) loads "
+                   "it, its call inputs and the latent between steps in that dtype (as diffusers' "
+                   "pipelines run it); PSNR is then against the eager run in that dtype")
     b.add_argument("--json")
     b.add_argument("--markdown")
     b.add_argument("--plot", help="Pareto plot PNG: speedup vs PSNR")

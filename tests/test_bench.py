@@ -348,22 +348,32 @@ def test_peers_of_their_own_process_are_judged_against_our_points_from_another_r
                  "--ours-from", str(path)]) == 2
 
 
-def test_dtype_casts_the_model_and_measures_fidelity_against_the_eager_run_in_that_dtype(capsys):
+def test_dtype_casts_the_model_and_measures_fidelity_against_the_eager_run_in_that_dtype(capsys, tmp_path):
     from foresight_compile import models
 
     torch._dynamo.reset()
     dit = models.wan(layers=2)
+    dit.model.norm_out.float()  # kept modules are set to float32, whatever they held
+    dit.model.condition_embedder.time_embedder.to(torch.float16)
     methods = [MethodSpec("eager"), MethodSpec("budget", (("lowering", "eager"),))]
     rep = run_bench(dit, methods, steps=STEPS, repeats=1, progress=False, dtype="bfloat16")
     torch._dynamo.reset()
     assert rep.dtype == "bfloat16"
     # as from_pretrained(torch_dtype=torch.bfloat16) loads it: Wan's norms, time embedder and
-    # modulation tables (its _keep_in_fp32_modules) stay float32, the rest is bfloat16
+    # modulation tables (its _keep_in_fp32_modules) float32, the rest bfloat16
     kept = {n: p.dtype for n, p in dit.model.named_parameters()}
     assert kept["scale_shift_table"] == torch.float32
     assert kept["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
     assert kept["blocks.0.attn1.to_q.weight"] == torch.bfloat16
     assert kept["proj_out.weight"] == torch.bfloat16
+    # The workload object itself is not rewritten: its inputs stay float32, the wrapper's not.
+    from foresight_compile.bench.workloads import in_dtype
+    x = torch.randn(dit.latent_shape)
+    assert dit.inputs(x, torch.tensor([999.0]))["hidden_states"].dtype == torch.float32
+    cast = in_dtype(dit, "bfloat16")
+    call = cast.inputs(x, torch.tensor([999.0]))
+    assert call["hidden_states"].dtype == torch.bfloat16 and call["timestep"].dtype == torch.float32
+    assert cast.latent_shape == dit.latent_shape
     # The reference is the eager bf16 run: eager is exact against it (against the float32
     # run a bf16 model reads ~40 dB), and ours is measured, not exact.
     assert rep.method("eager").psnr >= 100.0
@@ -371,18 +381,44 @@ def test_dtype_casts_the_model_and_measures_fidelity_against_the_eager_run_in_th
     assert ours.skipped > 0 and 20.0 < ours.psnr < 100.0
     assert "bfloat16" in rep.table() and "bfloat16" in rep.markdown()
     assert BenchReport.from_dict(json.loads(rep.to_json())).dtype == "bfloat16"
-    # Joining points of ours from another run needs the same dtype; old reports read float32.
+    # A bf16 model run as float32 would be labelled float32: refused, naming what to pass.
+    with pytest.raises(ValueError, match="holds bfloat16 weights; pass its dtype"):
+        run_bench(dit, methods, steps=2, repeats=1, progress=False)
+    # Joining points of ours from another run, or gating against a reference, needs the same
+    # dtype; old reports read float32.
     as_float32 = dataclasses.replace(rep, dtype="float32")
     with pytest.raises(ValueError, match="dtype is 'float32'"):
         rep.with_ours_from(as_float32)
     old = json.loads(as_float32.to_json())
     del old["dtype"]
     assert BenchReport.from_dict(old).dtype == "float32"
-    # Bad input: named, with what is accepted (the CLI exits 2 before loading anything).
+    (tmp_path / "ref.json").write_text(as_float32.to_json())
+    with pytest.raises(ThresholdsError, match="ran in float32, this report in bfloat16"):
+        check_report(rep, {"reference": {"results": str(tmp_path / "ref.json"), "max_psnr_drop": 1.0}})
+    # Bad input: named, with what is accepted, before anything else is read or loaded.
     with pytest.raises(ValueError, match="float64.*accepted: float32, bfloat16, float16"):
         run_bench("wan", methods, steps=2, repeats=1, progress=False, dtype="float64")
-    assert main(["bench", "--workload", "wan", "--methods", "eager", "--dtype", "half"]) == 2
+    assert main(["bench", "--workload", "wan", "--methods", "eager", "--dtype", "half",
+                 "--ours-from", str(tmp_path / "ref.json")]) == 2
     assert "dtype 'half' is not supported" in capsys.readouterr().err
+
+
+def test_every_ci_gate_file_is_valid_and_run_by_ci():
+    from pathlib import Path
+
+    from foresight_compile.bench.workloads import DTYPES, BUILTIN
+
+    ci = Path(__file__).resolve().parents[1] / ".ci"
+    files = sorted(ci.glob("thresholds*.toml"))
+    assert len(files) >= 5
+    for path in files:
+        data = load_thresholds(str(path))  # unknown keys, bad gates: ThresholdsError
+        bench = data["bench"]
+        assert bench["workload"] in BUILTIN and bench.get("dtype", "float32") in DTYPES, path.name
+        parse_methods(bench["methods"], bench.get("sweep"))
+        gated = {g["method"] for g in data["gate"]}
+        assert gated <= {s.name for s in parse_methods(bench["methods"])}, path.name
+        assert f"--thresholds .ci/{path.name} " in (ci / "run").read_text(), path.name
 
 
 def test_cache_dit_adapts_a_subclass_of_a_transformer_it_knows_by_its_base_class():

@@ -9,7 +9,10 @@
 #   OMP_NUM_THREADS=1 taskset -c 0 bash run.sh tiny-video tiny-video-hunyuan
 #   OMP_NUM_THREADS=1 taskset -c 1 bash run.sh tiny-video-cogvideox cache-dit
 # (no argument: every part, one after the other). Each table also runs our points once more
-# under generation(num_steps) (the pipeline path): the "pipeline" column.
+# under generation(num_steps) (the pipeline path): the "pipeline" column. The supplements
+# ran the same way, one workload per core (2026-12-07): `conservative` and `bf16` (each
+# loop's workloads split over the two cores) and `default30` (the 30-step default on the tiny
+# video DiT alone, 7 repeats).
 set -euo pipefail
 cd "$(dirname "$0")"
 FC=${FC:-foresight-compile}
@@ -55,12 +58,17 @@ bf16() {  # the default in bfloat16 (models cast; PSNR against the eager bfloat1
       --json "$workload-50-bf16.json" --markdown "$workload-50-bf16.md" | tee "$workload-50-bf16.txt"
   done
 }
+default30() {  # the default alone at 30 steps on the tiny video DiT, more repeats
+  $FC bench --workload tiny-video --steps 30 --repeats 7 --methods "inductor,none,budget" \
+    --json tiny-video-30-default-7-repeats.json | tee tiny-video-30-default-7-repeats.txt
+}
 for part in "${@}"; do
   case "$part" in
+    default30) default30 ;;
     cache-dit) cache_dit ;;
     conservative) conservative ;;
     bf16) bf16 ;;
     *) trained "$part" ;;
   esac
 done
-if [ $# -eq 0 ]; then trained tiny-video; trained tiny-video-cogvideox; trained tiny-video-hunyuan; cache_dit; conservative; bf16; fi
+if [ $# -eq 0 ]; then trained tiny-video; trained tiny-video-cogvideox; trained tiny-video-hunyuan; cache_dit; conservative; bf16; default30; fi

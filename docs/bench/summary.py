@@ -10,6 +10,7 @@ default policy's point with its pipeline-path check, and our fastest points at >
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ def _load(name: str) -> BenchReport | None:
 def _dominated(reports: list[BenchReport | None], extra: BenchReport | None = None) -> str:
     """Peer points dominated, judged against our points of each report and of ``extra`` (the
     conservative supplement, our near-exact points measured in a run of their own)."""
+    if extra is not None:  # named apart from the "[other run]" points a report may hold
+        extra = dataclasses.replace(extra, methods=[
+            dataclasses.replace(m, name=f"{m.name} [conservative]") for m in extra.methods])
     reports = [rep if extra is None else rep.with_ours_from(extra) for rep in reports if rep is not None]
     rows = [r for rep in reports for r in rep.verdict()]
     return f"{sum(r.dominated for r in rows)} of {len(rows)}" if rows else "-"

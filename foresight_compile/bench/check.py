@@ -137,6 +137,9 @@ def _check_reference(report: BenchReport, reference: dict, passed: list, failed:
             previous = BenchReport.from_dict(json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ThresholdsError(f"reference results {path!r} cannot be read: {e}") from None
+    if previous.dtype != report.dtype:  # their PSNRs are against different eager runs
+        raise ThresholdsError(f"reference results {path!r} ran in {previous.dtype}, this report in "
+                              f"{report.dtype}; compare reports of the same dtype")
     before = {m.name: m for m in previous.methods}
     for m in report.methods:
         old = before.get(m.name)

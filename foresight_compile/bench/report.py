@@ -138,8 +138,8 @@ class BenchReport:
         """This report with ``other``'s points of ours added (for the verdict and the plot):
         peers that must run in a process of their own (under ``torch.compile``, cache-dit)
         are judged against our points measured in another process. Speedups are each run's
-        ratio to its own inductor baseline, so they compare across processes; the workload
-        and the step count must be the same."""
+        ratio to its own inductor baseline, so they compare across processes; the workload,
+        the step count and the dtype must be the same."""
         other.require_run_of(self.workload, self.steps, self.dtype)
         names = {m.name for m in self.methods}
         added = [dataclasses.replace(m, name=f"{m.name} {OTHER_RUN}") for m in other.methods

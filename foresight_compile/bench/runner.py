@@ -15,7 +15,7 @@ from foresight_compile.bench import memory
 from foresight_compile.bench.methods import MethodSpec
 from foresight_compile.bench.metrics import ceiling, psnr, ssim
 from foresight_compile.bench.report import BenchReport, MethodResult
-from foresight_compile.bench.workloads import DTYPES, in_dtype, load_workload
+from foresight_compile.bench.workloads import check_dtype, in_dtype, load_workload
 from foresight_compile.errors import ForesightValueError
 
 _ATTENTION_KERNEL = re.compile(r"_scaled_dot_product_\w*attention")
@@ -76,12 +76,12 @@ def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats
               seed: int = 0, progress: bool = True, name: str | None = None,
               dtype: str = "float32") -> BenchReport:
     """Run every method on ``workload``; see ``report.BenchReport`` for what is measured.
-    ``dtype`` casts the model (``workloads.in_dtype``): the reference is then the eager run
+    ``dtype`` casts the model in place (``workloads.in_dtype``: as ``from_pretrained``
+    loads it, the latent loop as the pipelines run it); the reference is then the eager run
     in that dtype, so PSNR shows what caching costs on top of the precision."""
     import diffusers
 
-    if dtype not in DTYPES:  # before the workload loads
-        raise ForesightValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
+    check_dtype(dtype)  # before the workload loads
     kinds = {s.kind for s in methods}
     if "cache-dit" in kinds and kinds - {"cache-dit", "inductor", "eager"}:
         # cache-dit patches diffusers classes process-wide: every model compiled or run after

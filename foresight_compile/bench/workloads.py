@@ -59,32 +59,58 @@ def load_workload(spec: str):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def in_dtype(dit, dtype: str):
-    """``dit`` as ``from_pretrained(torch_dtype=dtype)`` loads a model: its parameters and
-    buffers in ``dtype`` except those of the modules the class keeps in float32
-    (``_keep_in_fp32_modules``, matched on a dotted name's parts as diffusers matches them:
-    Wan's norms, time embedder and modulation tables); the floating-point call inputs in
-    ``dtype``; the latent and the scheduler's math float32 in the loop, as diffusers
-    pipelines keep them, and the prediction back in float32. The timestep stays as the loop
-    passes it (the models cast it where they embed it). The model is cast in place; float32
-    returns ``dit`` unchanged."""
+def check_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype ``--dtype`` names; a clear error naming what is accepted otherwise."""
     if dtype not in DTYPES:
         raise ForesightValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
-    if dtype == "float32":
+    return DTYPES[dtype]
+
+
+class CastWorkload:
+    """A workload whose call inputs are cast to ``dtype`` and whose other attributes are the
+    wrapped workload's (the wrapped object itself is left as it was, its model aside)."""
+
+    def __init__(self, workload, dtype: torch.dtype) -> None:
+        self._workload, self._dtype = workload, dtype
+
+    def __getattr__(self, name):
+        return getattr(self._workload, name)
+
+    def inputs(self, latents: torch.Tensor, timestep: torch.Tensor) -> dict:
+        # The timestep stays as the loop passes it: the models cast it where they embed it,
+        # and bfloat16 would round it (999 -> 1000).
+        return {k: (v.to(self._dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    and k != "timestep" else v)
+                for k, v in self._workload.inputs(latents, timestep).items()}
+
+
+def in_dtype(dit, dtype: str):
+    """``dit`` as a diffusers pipeline runs it after ``from_pretrained(torch_dtype=dtype)``.
+
+    The model is cast in place as ``from_pretrained`` loads it: every floating-point entry of
+    its state dict in ``dtype``, except those under a module its class keeps in float32
+    (``_keep_in_fp32_modules``, matched on a dotted name's parts as diffusers matches them:
+    Wan's norms, time embedder and modulation tables), which are set to float32. Buffers
+    outside the state dict keep the dtype they were built with. The returned workload casts
+    the floating-point call inputs to ``dtype`` (top-level tensors; not the ``timestep`` key,
+    which bfloat16 would round: a timestep under another key is cast) and returns
+    the model's prediction in ``dtype``: the scheduler's step computes in float32 and hands
+    the latent back in the prediction's dtype, so the latent between steps is in ``dtype``
+    too, as in diffusers' Wan and HunyuanVideo pipelines. float32 returns ``dit`` unchanged
+    after checking that its model is float32 (a model loaded in another dtype must say so
+    with ``dtype``, or its report would be labelled float32)."""
+    target = check_dtype(dtype)
+    floating = {n: t for n, t in dit.model.state_dict(keep_vars=True).items() if t.is_floating_point()}
+    if target == torch.float32:
+        other = sorted({str(t.dtype).removeprefix("torch.") for t in floating.values()} - {"float32", "float64"})
+        if other:
+            raise ForesightValueError(
+                f"the workload's model holds {', '.join(other)} weights; pass its dtype "
+                f"(--dtype / dtype=, one of {', '.join(DTYPES)}) so the report says what ran")
         return dit
-    target = DTYPES[dtype]
     keep = getattr(dit.model, "_keep_in_fp32_modules", None) or []
-    for name, tensor in [*dit.model.named_parameters(), *dit.model.named_buffers()]:
-        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
-            tensor.data = tensor.data.to(target)
-    inputs, prediction = dit.inputs, dit.prediction
-
-    def cast_inputs(latents, timestep):
-        return {k: (v.to(target) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                    and k != "timestep" else v) for k, v in inputs(latents, timestep).items()}
-
-    def float_prediction(out):
-        return prediction(out).float()
-
-    dit.inputs, dit.prediction = cast_inputs, float_prediction
-    return dit
+    keep = [keep] if isinstance(keep, str) else list(keep)  # as diffusers reads it
+    for name, tensor in floating.items():
+        kept = any(k in name.split(".") for k in keep)
+        tensor.data = tensor.data.to(torch.float32 if kept else target)
+    return CastWorkload(dit, target)
