@@ -374,6 +374,11 @@ def test_dtype_casts_the_model_and_measures_fidelity_against_the_eager_run_in_th
     call = cast.inputs(x, torch.tensor([999.0]))
     assert call["hidden_states"].dtype == torch.bfloat16 and call["timestep"].dtype == torch.float32
     assert cast.latent_shape == dit.latent_shape
+    half = in_dtype(models.wan(layers=2), "float16")  # float16: the same rule
+    kept16 = {n: p.dtype for n, p in half.model.named_parameters()}
+    assert kept16["blocks.0.ffn.net.0.proj.weight"] == torch.float16
+    assert kept16["blocks.0.scale_shift_table"] == torch.float32
+    assert half.inputs(x, torch.tensor([999.0]))["encoder_hidden_states"].dtype == torch.float16
     # The reference is the eager bf16 run: eager is exact against it (against the float32
     # run a bf16 model reads ~40 dB), and ours is measured, not exact.
     assert rep.method("eager").psnr >= 100.0
