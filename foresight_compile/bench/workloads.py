@@ -74,6 +74,8 @@ class CastWorkload:
         self._workload, self._dtype = workload, dtype
 
     def __getattr__(self, name):
+        if name.startswith("__") or name == "_workload":  # copy/pickle probe before __init__
+            raise AttributeError(name)
         return getattr(self._workload, name)
 
     def inputs(self, latents: torch.Tensor, timestep: torch.Tensor) -> dict:
