@@ -23,7 +23,6 @@ def _sweep(items: list[str]) -> dict[str, list]:
 def _bench(args) -> int:
     from foresight_compile.bench import BenchReport, run_bench
     from foresight_compile.bench.methods import parse_methods, sweep_peers
-
     from foresight_compile.bench.workloads import check_dtype
 
     check_dtype(args.dtype)  # before anything is read or loaded

@@ -110,12 +110,10 @@ def run_bench(workload: Any, methods: list[MethodSpec], steps: int = 30, repeats
     # way), which made compile_ratio gates flip between runs.
     with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit * 8), \
             torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
-        report = _run(dit, label, methods, steps, repeats, seed, progress, diffusers.__version__)
-    report.dtype = dtype
-    return report
+        return _run(dit, label, methods, steps, repeats, seed, progress, diffusers.__version__, dtype)
 
 
-def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version) -> BenchReport:
+def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version, dtype) -> BenchReport:
     reference = models.denoise(dit.model, dit, steps, seed=seed)
     uncached_attention = _attention_calls(dit.model, dit, steps, seed)
     results = {s.name: MethodResult(s.name, s.kind, s.family, dict(s.options), s.compiled)
@@ -173,4 +171,4 @@ def _run(dit, label, methods, steps, repeats, seed, progress, diffusers_version)
         workload=label, steps=steps, repeats=repeats, seed=seed,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, diffusers=diffusers_version, threads=torch.get_num_threads(),
-        block_share=block_share, methods=list(results.values()))
+        block_share=block_share, methods=list(results.values()), dtype=dtype)
