@@ -131,7 +131,51 @@ def test_the_longest_run_is_an_eighth_of_the_steps_and_at_least_two(total, longe
 
 def test_no_run_given_means_no_step_served_since_the_last_compute():
     p = _policy(max_run=1)
-    assert not p.computes_all(10, 3, 50) and p.computes_all(10, 3, 50, run=1)
+    assert not p.computes_all(20, 3, 50) and p.computes_all(20, 3, 50, run=1)
+    assert not p.computes_all(10, 3, 50, run=1)  # the first quarter: the default's limit
+
+
+# -- the first quarter: the default's budget and run limit, whatever the knob -----------------
+
+def test_the_early_budget_constant_is_the_default_tolerance():
+    assert budget.EARLY_TOLERANCE == Options().tolerance
+
+
+@pytest.mark.parametrize("total, last_early", [(50, 12), (30, 7), (40, 9), (8, 1)])
+def test_the_first_quarter_runs_the_default_budget_and_run_limit(total, last_early):
+    p = _policy(tolerance=1.0, max_run=2)
+    default_run = max(2, round(total / 8))
+    for step in range(total):
+        early = step <= last_early
+        assert budget.early(step, total) == early, step
+        assert p.tolerance_at(step, total) == (0.4 if early else 1.0), step
+        assert p.max_run(total, step) == (default_run if early else 2), step
+    # the run limit is enforced by computes_all at the step it decides
+    if total > 10:
+        assert not p.computes_all(last_early, 3, total, run=2)
+        assert p.computes_all(last_early + 1, 3, total, run=2)
+    # an unknown length has no first quarter: the options decide every step
+    assert p.tolerance_at(0, None) == 1.0 and p.max_run(None, 0) == 2 and not budget.early(0, None)
+
+
+@pytest.mark.parametrize("tolerance, early", [(0.005, 0.02), (0.05, 0.2), (0.1, 0.4), (0.2, 0.4),
+                                              (0.4, 0.4), (3.0, 0.4)])
+def test_below_near_exact_the_early_budget_shrinks_with_the_knob(tolerance, early):
+    p = _policy(tolerance=tolerance)
+    assert p.tolerance_at(0, 50) == pytest.approx(early)
+    assert p.tolerance_at(13, 50) == tolerance
+
+
+def test_the_knob_changes_no_decision_of_the_first_quarter_and_some_after_it():
+    total = 32  # steps 0-7 early
+    runs = {(tolerance, max_run): _drive(1, 1, total, tolerance, max_run=max_run)[0]
+            for tolerance in (0.1, 0.2, 0.6) for max_run in (None, 2)}
+    first = {tuple(computed[:9]) for computed in runs.values()}  # step 8 is decided at step 7
+    assert len(first) == 1
+    assert len({tuple(computed[9:]) for computed in runs.values()}) >= 3
+    # an unknown length: the knob decides from the first step after the warmup
+    unknown = {tuple(_drive(1, 1, total, t, known=False)[0][:9]) for t in (0.1, 0.6)}
+    assert len(unknown) == 2
 
 
 # -- the estimate, against a Python model of the rule ------------------------------------------
@@ -230,22 +274,24 @@ RHO = [0.02, 0.018, 0.012, 0.009, 0.011, 0.006, 0.008, 0.004, 0.010, 0.003, 0.00
        0.016, 0.025, 0.030, 0.022, 0.035, 0.040, 0.028, 0.045]
 
 
-def _drive(order, lookahead, total, tolerance, rate=0.02):
+def _drive(order, lookahead, total, tolerance, rate=0.02, max_run=None, known=True):
     """Run a generation of ``total`` steps; the forecast error at each compute is ``rate *
     gap^(k+1)`` (a constant rate), the latent change at step t is RHO[t + lookahead - 1] (the
-    lookahead-2 policy sees each value one step earlier). Returns the steps that computed
-    and the accumulated estimate after each step."""
-    p = _policy(order=order, tolerance=tolerance, lookahead=lookahead)
+    lookahead-2 policy sees each value one step earlier). ``known=False``: the policy is not
+    told the length (no first quarter, no tail). Returns the steps that computed and the
+    accumulated estimate after each step."""
+    p = _policy(order=order, tolerance=tolerance, lookahead=lookahead, max_run=max_run)
     state, history = _state(), _History(slots=order + 1)
     decided, computed, accumulated, last = {}, [], [], None
+    length = total if known else None
     for step in range(total):
-        compute = p.computes_all(step, 3, total, history.run) or not decided.get(step, False)
+        compute = p.computes_all(step, 3, length, history.run) or not decided.get(step, False)
         gap = 1 if last is None else step - last
         if compute:
             last = step
         computed.append(compute)
         decision = _step(p, state, history, step, compute, ferr=rate * gap ** (order + 1),
-                         rho=RHO[step + lookahead - 1], warmup=3, total=total)
+                         rho=RHO[step + lookahead - 1], warmup=3, total=length)
         decided[step + lookahead] = decision[0]
         accumulated.append(_aux(state, budget._TMP))
     return computed, accumulated

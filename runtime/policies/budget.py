@@ -25,11 +25,16 @@ every-R-steps refresh):
   reuse; the last ``TAIL`` steps compute (their error lands in the output undamped); at
   most ``max_run`` steps in a row are served (default: an eighth of the generation).
 
-``tolerance`` is the one quality knob: larger serves more steps (a run ends later; the
-served share never fell as it rose in the trained models' sweeps, tests/test_quality_knob.py).
-PSNR falls with it only within 1-4 dB of interference between runs: early runs' errors
-cancel part of what later runs add, and which steps a run covers shifts with the knob
-(``examples/estimate_vs_truth.py``; docs/DESIGN.md, "What a served step costs").
+``tolerance`` is the one quality knob: larger serves more steps (a run ends later). It
+governs the steps after the first quarter of the generation; the first quarter is decided
+at the default's budget and run limit whatever the knob (``EARLY_FRACTION``). Why: the
+early runs' errors are the largest, and the dynamics carry them against what later runs
+add, so where the early runs fall sets how much of the final error cancels. A knob that
+moved them moved the final PSNR by 1-4 dB either way (``examples/estimate_vs_truth.py``;
+docs/DESIGN.md, "What a served step costs"); with them fixed, the served share rises and
+the PSNR falls with ``tolerance`` and ``max_run`` on every trained model
+(tests/test_quality_knob.py). Below ``NEAR_EXACT`` the early budget shrinks with the knob,
+so a near-exact setting stays near exact.
 
 All of it runs on the device, from the previous step's metrics (or the one before, with
 ``lookahead=2``): the decision is a bool written into a preallocated flag, host scalars
@@ -54,6 +59,20 @@ TAIL = 2
 # measured on both trained models, 50 and 30 steps, longer runs lost 2-6 dB at the same reuse
 # (the budget's estimate grows with the gap, but not as fast as the true error far out).
 RUN_FRACTION = 8
+# The first quarter of a generation (steps t with 4 t < total) is decided at the default's
+# budget and run limit, whatever tolerance and max_run say (module docstring). Measured on
+# the three trained models at 30 and 50 steps, sweeping tolerance 0.1-1.0 and max_run 2-6
+# (tests/test_quality_knob.py): 6 of 33 sweep steps rose by more than 0.5 dB with the knob
+# deciding every step; none with the first quarter fixed; one each (0.9 and 1.1 dB) with
+# the first fifth or the first 3/10 fixed.
+EARLY_FRACTION = 4
+EARLY_TOLERANCE = 0.4  # the default tolerance (foresight_compile.Options; a test holds them equal)
+# Early served steps help only when later runs have errors for theirs to cancel: with a
+# near-exact tolerance, few late steps are served and the default's early runs alone cost
+# 10-15 dB (tiny video DiT, 50 steps, tolerance 0.005: 48 dB with them, exact without).
+# Below NEAR_EXACT the early budget is tolerance * EARLY_TOLERANCE / NEAR_EXACT: continuous
+# in the knob, the default's from NEAR_EXACT up.
+NEAR_EXACT = 0.1
 # rho is about 1/steps in the middle of a generation; the scale makes est ~ c * g^(k+1) there,
 # so a tolerance reads as "accumulated relative error of served steps".
 RHO_SCALE = 50.0
@@ -84,7 +103,7 @@ class BudgetReuse(ReusePolicy):
             return True
         if total is not None and step >= total - self.tail(total):
             return True
-        return run >= self.max_run(total)
+        return run >= self.max_run(total, step)
 
     @staticmethod
     def tail(total: int) -> int:
@@ -92,11 +111,20 @@ class BudgetReuse(ReusePolicy):
         whatever the length: a longer tail moved points along the front, not above it)."""
         return TAIL
 
-    def max_run(self, total: int | None) -> int:
-        """The longest run of served steps: the option, else an eighth of the generation."""
-        if self.options.max_run is not None:
+    def max_run(self, total: int | None, step: int | None = None) -> int:
+        """The longest run of served steps up to step ``step``: the option, else an eighth of
+        the generation; in the first quarter always the latter."""
+        if self.options.max_run is not None and not (step is not None and early(step, total)):
             return self.options.max_run
         return 8 if total is None else max(2, round(total / RUN_FRACTION))
+
+    def tolerance_at(self, step: int, total: int | None) -> float:
+        """The budget of a run reaching step ``step``: the option, in the first quarter the
+        default's (scaled down with a tolerance below ``NEAR_EXACT``)."""
+        tolerance = self.options.tolerance
+        if early(step, total):
+            return min(EARLY_TOLERANCE, tolerance * EARLY_TOLERANCE / NEAR_EXACT)
+        return tolerance
 
     def observe(self, step: int, warmup: int | None, state: PolicyState, history=None,
                 total: int | None = None) -> None:
@@ -121,7 +149,7 @@ class BudgetReuse(ReusePolicy):
         else:
             self._two_ahead(step, warmup, total, state, history, gap)
         # NaN (no latent change measured yet) compares False: compute.
-        torch.le(aux[_TMP], self.options.tolerance, out=state.flags[0])
+        torch.le(aux[_TMP], self.tolerance_at(target, total), out=state.flags[0])
 
     def _two_ahead(self, step: int, warmup, total, state: PolicyState, history, gap: float) -> None:
         """Decide step t + 2 at the end of step t, before step t + 1 ran: step t + 1 computes
@@ -145,3 +173,8 @@ class BudgetReuse(ReusePolicy):
 
     def decide(self, state: PolicyState, out: torch.Tensor) -> None:
         out.copy_(state.flags[0].expand(out.shape[0]))
+
+
+def early(step: int, total: int | None) -> bool:
+    """Step ``step`` lies in the first quarter of a generation of known length ``total``."""
+    return total is not None and step * EARLY_FRACTION < total
