@@ -58,7 +58,8 @@ class Options:
     """Policy "budget": the accumulated estimated relative error a run of served steps may
     reach; the one quality knob (larger: more reuse, lower fidelity). It governs the steps
     after the first quarter of a generation of known length; the first quarter runs at the
-    default's budget, or less below 0.1 (docs/DESIGN.md "What a served step costs")."""
+    default's budget (up to 0.05 at the tolerance itself; linear between 0.05 and 0.1;
+    docs/DESIGN.md "What a served step costs")."""
     max_run: int | None = None
     """Policy "budget": at most this many steps in a row are served after the first quarter
     of the generation (in it, and when None: an eighth of the generation's steps, 6 of 50, 4

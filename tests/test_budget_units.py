@@ -158,9 +158,11 @@ def test_the_first_quarter_runs_the_default_budget_and_run_limit(total, last_ear
     assert p.tolerance_at(0, None) == 1.0 and p.max_run(None, 0) == 2 and not budget.early(0, None)
 
 
-@pytest.mark.parametrize("tolerance, early", [(0.005, 0.02), (0.05, 0.2), (0.1, 0.4), (0.2, 0.4),
-                                              (0.4, 0.4), (3.0, 0.4)])
-def test_below_near_exact_the_early_budget_shrinks_with_the_knob(tolerance, early):
+@pytest.mark.parametrize("tolerance, early", [(0.005, 0.005), (0.05, 0.05), (0.075, 0.225),
+                                              (0.09, 0.33), (0.1, 0.4), (0.2, 0.4), (3.0, 0.4)])
+def test_a_near_exact_knob_also_decides_the_first_quarter(tolerance, early):
+    """Up to 0.05 the first quarter runs at the tolerance itself, from 0.1 at the default's,
+    linearly between."""
     p = _policy(tolerance=tolerance)
     assert p.tolerance_at(0, 50) == pytest.approx(early)
     assert p.tolerance_at(13, 50) == tolerance

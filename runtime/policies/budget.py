@@ -33,8 +33,8 @@ add, so where the early runs fall sets how much of the final error cancels. A kn
 moved them moved the final PSNR by 1-4 dB either way (``examples/estimate_vs_truth.py``;
 docs/DESIGN.md, "What a served step costs"); with them fixed, the served share rises and
 the PSNR falls with ``tolerance`` and ``max_run`` on every trained model
-(tests/test_quality_knob.py). Below ``NEAR_EXACT`` the early budget shrinks with the knob,
-so a near-exact setting stays near exact.
+(tests/test_quality_knob.py). A near-exact tolerance (up to ``NEAR_EXACT``) decides the
+first quarter as well, so it stays near exact.
 
 All of it runs on the device, from the previous step's metrics (or the one before, with
 ``lookahead=2``): the decision is a bool written into a preallocated flag, host scalars
@@ -69,10 +69,12 @@ EARLY_FRACTION = 4
 EARLY_TOLERANCE = 0.4  # the default tolerance (foresight_compile.Options; a test holds them equal)
 # Early served steps help only when later runs have errors for theirs to cancel: with a
 # near-exact tolerance, few late steps are served and the default's early runs alone cost
-# 10-15 dB (tiny video DiT, 50 steps, tolerance 0.005: 48 dB with them, exact without).
-# Below NEAR_EXACT the early budget is tolerance * EARLY_TOLERANCE / NEAR_EXACT: continuous
-# in the knob, the default's from NEAR_EXACT up.
-NEAR_EXACT = 0.1
+# 10-20 dB (50 steps, tolerance 0.005: the tiny video DiT 48 dB with them, exact without; the
+# tiny CogVideoX 51.5 dB at 4 x the tolerance early, 69.6 dB at the tolerance itself). So
+# up to NEAR_EXACT the first quarter runs at the tolerance itself, as every step does; from
+# FULL_EARLY up at EARLY_TOLERANCE; linearly between (continuous in the knob).
+NEAR_EXACT = 0.05
+FULL_EARLY = 0.1
 # rho is about 1/steps in the middle of a generation; the scale makes est ~ c * g^(k+1) there,
 # so a tolerance reads as "accumulated relative error of served steps".
 RHO_SCALE = 50.0
@@ -119,12 +121,15 @@ class BudgetReuse(ReusePolicy):
         return 8 if total is None else max(2, round(total / RUN_FRACTION))
 
     def tolerance_at(self, step: int, total: int | None) -> float:
-        """The budget of a run reaching step ``step``: the option, in the first quarter the
-        default's (scaled down with a tolerance below ``NEAR_EXACT``)."""
+        """The budget of a run reaching step ``step``: the option; in the first quarter the
+        default's from ``FULL_EARLY`` up, the option up to ``NEAR_EXACT``, linear between."""
         tolerance = self.options.tolerance
-        if early(step, total):
-            return min(EARLY_TOLERANCE, tolerance * EARLY_TOLERANCE / NEAR_EXACT)
-        return tolerance
+        if not early(step, total) or tolerance <= NEAR_EXACT:
+            return tolerance
+        if tolerance >= FULL_EARLY:
+            return EARLY_TOLERANCE
+        share = (tolerance - NEAR_EXACT) / (FULL_EARLY - NEAR_EXACT)
+        return NEAR_EXACT + share * (EARLY_TOLERANCE - NEAR_EXACT)
 
     def observe(self, step: int, warmup: int | None, state: PolicyState, history=None,
                 total: int | None = None) -> None:
