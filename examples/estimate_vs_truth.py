@@ -5,7 +5,8 @@ For each trained model and step count, one generation under ``budget`` (eager lo
 
 * ``est``: what the policy estimated, at the end of the previous step, that serving this
   step would cost (recorded from ``BudgetReuse.observe``), and ``acc``, the run's
-  accumulated estimate with it (the value compared with ``tolerance``);
+  accumulated estimate with it (the value compared with the step's budget,
+  ``BudgetReuse.tolerance_at``);
 * ``local``: at a served step, the relative L2 error of the served prediction against what
   the uncached model computes on the same latent, ``|F - Y| / |Y|``;
 * ``injected``: that error as it enters the latent, ``|dt (F - Y)|`` relative to the RMS of
@@ -46,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 
 class EstimateRecorder:
     """Records, per decided step, what ``BudgetReuse.observe`` estimated: the step's own
-    estimate, the run's accumulated one (compared with the tolerance), the forecast's error
+    estimate, the run's accumulated one (compared with the step's budget), the forecast's error
     rate and the latent's pace."""
 
     def __init__(self) -> None:

@@ -58,12 +58,12 @@ class Options:
     """Policy "budget": the accumulated estimated relative error a run of served steps may
     reach; the one quality knob (larger: more reuse, lower fidelity). It governs the steps
     after the first quarter of a generation of known length; the first quarter runs at the
-    default's budget (up to 0.05 at the tolerance itself; linear between 0.05 and 0.1;
-    docs/DESIGN.md "What a served step costs")."""
+    default's budget, except near exact (up to 0.05 at the tolerance itself, linear from
+    there to the default's at 0.1; docs/DESIGN.md "What a served step costs")."""
     max_run: int | None = None
-    """Policy "budget": at most this many steps in a row are served after the first quarter
-    of the generation (in it, and when None: an eighth of the generation's steps, 6 of 50, 4
-    of 30; 8 when the step count is unknown)."""
+    """Policy "budget": at most this many steps in a row are served. None: an eighth of the
+    generation's steps (6 of 50, 4 of 30; 8 when the step count is unknown); in the first
+    quarter of a generation of known length always that, except for ``max_run=1``."""
     num_steps: int | None = None
     """Steps per generation, needed only to resolve a fractional `warmup`; when unset, the
     previous generation's length is used."""

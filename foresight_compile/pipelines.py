@@ -13,8 +13,8 @@ wires them to the pipeline so that nothing is guessed:
   pipeline's ``boundary_ratio`` (Wan 2.2), the steps whose timestep lies at or above the
   boundary (``transformer``) or below it (``transformer_2``), read from the scheduler's
   timesteps at the first model call; without a boundary, the steps it was seen to run in
-  the previous call with the same step count (else the pipeline's count). Warm-up, tail and
-  ``max_run`` apply per expert;
+  the previous call with the same step count (else the pipeline's count). Warm-up, tail,
+  ``max_run`` and the ``budget`` policy's first quarter apply per expert;
 * ``policy="profiling"`` without a ``profile`` calibrates on the first call: that generation
   runs uncached (its output is exact) while ``profile_blocks`` records the attention
   profile of each denoiser on this model and resolution; later calls run compiled with it

@@ -46,8 +46,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # cosmic-ray's commands from the running interpreter's environment (a venv need not be on PATH)
 COSMIC_RAY = str(pathlib.Path(sys.executable).parent / "cosmic-ray")
-PYTEST_ARGS = ["-x", "-q", "-p", "no:logging", "-p", "no:cacheprovider", "-p", "no:randomly",
-               "--no-header"]
+# -n 0: one process (pyproject's addopts would start pytest-xdist workers per mutant)
+PYTEST_ARGS = ["-x", "-q", "-n", "0", "-p", "no:logging", "-p", "no:cacheprovider",
+               "-p", "no:randomly", "--no-header"]
 SOCKET = ROOT / ".mutation" / "pytest.sock"
 UNITS = "tests/test_runtime_units.py"  # direct unit tests of the runtime core (< 1 s)
 CONTROLLER = "tests/test_controller_units.py"  # the controller driven by hand (< 1 s)
@@ -238,7 +239,7 @@ def main() -> int:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     args.modules = args.modules or list(MODULES)
     if shutil.which(COSMIC_RAY) is None:
-        print("cosmic-ray is not installed: pip install -e '.[mutation]'")
+        print("cosmic-ray is not installed: pip install -e '.[test,mutation]'")
         return 2
     os.chdir(ROOT)
     out = ROOT / ".mutation"

@@ -6,6 +6,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Under pytest-xdist (pyproject's addopts) the workers split the cores this process may run
+# on (its affinity, not the host's count): two workers on two cores do not run four threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared_dynamo: tests share compiled state from a "

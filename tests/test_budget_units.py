@@ -119,8 +119,9 @@ def test_the_tail_is_the_last_two_steps(total):
     (None, 8), (4, 2), (10, 2), (12, 2), (20, 2), (28, 4), (30, 4), (50, 6), (100, 12)])
 def test_the_longest_run_is_an_eighth_of_the_steps_and_at_least_two(total, longest):
     p = _policy()
-    assert p.max_run(total) == longest
-    assert _policy(max_run=5).max_run(total) == 5  # the option wins
+    late = 10 ** 6  # past any first quarter
+    assert p.max_run(total, late) == longest
+    assert _policy(max_run=5).max_run(total, late) == 5  # the option wins
     step = 3  # after the warmup, before any tail
     if total is None or step < total - p.tail(total):
         assert p.computes_all(step, 3, total, run=longest)
@@ -131,11 +132,11 @@ def test_the_longest_run_is_an_eighth_of_the_steps_and_at_least_two(total, longe
 
 def test_no_run_given_means_no_step_served_since_the_last_compute():
     p = _policy(max_run=1)
-    assert not p.computes_all(20, 3, 50) and p.computes_all(20, 3, 50, run=1)
-    assert not p.computes_all(10, 3, 50, run=1)  # the first quarter: the default's limit
+    for step in (10, 20):  # in the first quarter too: max_run=1 is near exact
+        assert not p.computes_all(step, 3, 50) and p.computes_all(step, 3, 50, run=1)
 
 
-# -- the first quarter: the default's budget and run limit, whatever the knob -----------------
+# -- the first quarter: the default's budget and run limit, unless the knob is near exact ------
 
 def test_the_early_budget_constant_is_the_default_tolerance():
     assert budget.EARLY_TOLERANCE == Options().tolerance
@@ -156,10 +157,30 @@ def test_the_first_quarter_runs_the_default_budget_and_run_limit(total, last_ear
         assert p.computes_all(last_early + 1, 3, total, run=2)
     # an unknown length has no first quarter: the options decide every step
     assert p.tolerance_at(0, None) == 1.0 and p.max_run(None, 0) == 2 and not budget.early(0, None)
+    # max_run=1 holds everywhere
+    assert all(_policy(max_run=1).max_run(total, step) == 1 for step in range(total))
+
+
+@pytest.mark.parametrize("order, lookahead", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_the_defaults_decide_every_step_as_without_a_first_quarter(order, lookahead, monkeypatch):
+    """At the default tolerance and run limit the first quarter changes no decision; at
+    another tolerance it does (the comparison can fail)."""
+    def both(tolerance):
+        with_quarter = _drive(order, lookahead, 30, tolerance, rate=0.05)
+        monkeypatch.setattr(budget, "early", lambda step, total: False)
+        without = _drive(order, lookahead, 30, tolerance, rate=0.05)
+        monkeypatch.undo()
+        return with_quarter, without
+    (computed, acc), (computed_plain, acc_plain) = both(Options().tolerance)
+    assert computed == computed_plain and acc == pytest.approx(acc_plain, rel=1e-6)
+    assert not all(computed[3:-2])  # it served steps
+    knob, plain = both(0.1)
+    assert knob[0] != plain[0]
 
 
 @pytest.mark.parametrize("tolerance, early", [(0.005, 0.005), (0.05, 0.05), (0.075, 0.225),
-                                              (0.09, 0.33), (0.1, 0.4), (0.2, 0.4), (3.0, 0.4)])
+                                              (0.09, 0.33), (0.1, 0.4), (0.105, 0.4), (0.2, 0.4),
+                                              (3.0, 0.4)])
 def test_a_near_exact_knob_also_decides_the_first_quarter(tolerance, early):
     """Up to 0.05 the first quarter runs at the tolerance itself, from 0.1 at the default's,
     linearly between."""
@@ -172,12 +193,32 @@ def test_the_knob_changes_no_decision_of_the_first_quarter_and_some_after_it():
     total = 32  # steps 0-7 early
     runs = {(tolerance, max_run): _drive(1, 1, total, tolerance, max_run=max_run)[0]
             for tolerance in (0.1, 0.2, 0.6) for max_run in (None, 2)}
-    first = {tuple(computed[:9]) for computed in runs.values()}  # step 8 is decided at step 7
+    first = {tuple(computed[:8]) for computed in runs.values()}
     assert len(first) == 1
-    assert len({tuple(computed[9:]) for computed in runs.values()}) >= 3
+    assert len({tuple(computed[8:]) for computed in runs.values()}) >= 3
     # an unknown length: the knob decides from the first step after the warmup
-    unknown = {tuple(_drive(1, 1, total, t, known=False)[0][:9]) for t in (0.1, 0.6)}
+    unknown = {tuple(_drive(1, 1, total, t, known=False)[0][:8]) for t in (0.1, 0.6)}
     assert len(unknown) == 2
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_the_decision_for_the_first_step_after_the_quarter_uses_the_knob(lookahead):
+    """A run still going at the boundary: its accumulated estimate lies between the knob
+    (0.1) and the default's budget (0.4), so the step it decides computes when that step is
+    past the first quarter (total 40: step 10) and is served when it is still in it."""
+    for target, served in ((9, True), (10, False)):
+        p = _policy(tolerance=0.1, lookahead=lookahead)
+        state, history = _state(), _History()
+        step = target - lookahead
+        history.steps[-1] = [step - 1, step - 4]  # the last compute: the step before
+        history.all_computed_at = step - 1
+        state.aux[budget._RATE] = 0.05 if lookahead == 1 else 0.02
+        state.flags[0] = True  # (lookahead 2) the step between was decided served
+        state.aux[budget._EST + step % 2] = 0.05  # the estimate made for this served step
+        _step(p, state, history, step, False, rho=0.02, total=40)
+        accumulated = _aux(state, budget._TMP)
+        assert 0.1 < accumulated <= 0.4, accumulated
+        assert bool(state.flags[0]) == served, (target, accumulated)
 
 
 # -- the estimate, against a Python model of the rule ------------------------------------------

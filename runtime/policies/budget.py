@@ -26,15 +26,18 @@ every-R-steps refresh):
   most ``max_run`` steps in a row are served (default: an eighth of the generation).
 
 ``tolerance`` is the one quality knob: larger serves more steps (a run ends later). It
-governs the steps after the first quarter of the generation; the first quarter is decided
-at the default's budget and run limit whatever the knob (``EARLY_FRACTION``). Why: the
-early runs' errors are the largest, and the dynamics carry them against what later runs
-add, so where the early runs fall sets how much of the final error cancels. A knob that
-moved them moved the final PSNR by 1-4 dB either way (``examples/estimate_vs_truth.py``;
-docs/DESIGN.md, "What a served step costs"); with them fixed, the served share rises and
-the PSNR falls with ``tolerance`` and ``max_run`` on every trained model
-(tests/test_quality_knob.py). A near-exact tolerance (up to ``NEAR_EXACT``) decides the
-first quarter as well, so it stays near exact.
+governs the steps after the first quarter of a generation of known length; the first
+quarter is decided at the default's budget and run limit (``EARLY_FRACTION``), unless the
+knob is near exact (``tolerance`` up to ``NEAR_EXACT``, or ``max_run=1``). Why: the early
+runs' errors are the largest, and the dynamics carry them against what later runs add, so
+where the early runs fall sets how much of the final error cancels. A knob that moved them
+moved the final PSNR by 1-4 dB either way (``examples/estimate_vs_truth.py``;
+docs/DESIGN.md, "What a served step costs"); with them fixed, over ``tolerance`` 0.1-1.0
+and ``max_run`` 2-6 on the three trained models, the served share never falls and the PSNR
+never rises by more than 0.5 dB as the knob rises (tests/test_quality_knob.py). A length
+read from the timesteps (a bare loop's first generation) counts too: early in a shifted
+schedule it reads long, so that generation's first "quarter" lasts longer; a Wan 2.2
+expert's generation is its own run of steps, as for warm-up and tail.
 
 All of it runs on the device, from the previous step's metrics (or the one before, with
 ``lookahead=2``): the decision is a bool written into a preallocated flag, host scalars
@@ -60,19 +63,21 @@ TAIL = 2
 # (the budget's estimate grows with the gap, but not as fast as the true error far out).
 RUN_FRACTION = 8
 # The first quarter of a generation (steps t with 4 t < total) is decided at the default's
-# budget and run limit, whatever tolerance and max_run say (module docstring). Measured on
-# the three trained models at 30 and 50 steps, sweeping tolerance 0.1-1.0 and max_run 2-6
-# (tests/test_quality_knob.py): 6 of 33 sweep steps rose by more than 0.5 dB with the knob
-# deciding every step; none with the first quarter fixed; one each (0.9 and 1.1 dB) with
-# the first fifth or the first 3/10 fixed.
+# budget and run limit (module docstring). Measured on the three trained models at 30 and 50
+# steps, sweeping tolerance 0.1-1.0 and max_run 2-6 (tests/test_quality_knob.py): 6 of 33
+# sweep steps rose by more than 0.5 dB with the knob deciding every step; none with the
+# first quarter fixed; one each (0.9 and 1.1 dB) with the first fifth or the first 3/10.
 EARLY_FRACTION = 4
 EARLY_TOLERANCE = 0.4  # the default tolerance (foresight_compile.Options; a test holds them equal)
-# Early served steps help only when later runs have errors for theirs to cancel: with a
-# near-exact tolerance, few late steps are served and the default's early runs alone cost
-# 10-20 dB (50 steps, tolerance 0.005: the tiny video DiT 48 dB with them, exact without; the
-# tiny CogVideoX 51.5 dB at 4 x the tolerance early, 69.6 dB at the tolerance itself). So
-# up to NEAR_EXACT the first quarter runs at the tolerance itself, as every step does; from
-# FULL_EARLY up at EARLY_TOLERANCE; linearly between (continuous in the knob).
+# Early served steps help only when later runs have errors for theirs to cancel. With a
+# near-exact tolerance few late steps are served, and early runs at the default's budget
+# cost what the tolerance was meant to keep (50 steps, tolerance 0.005: the tiny video DiT
+# 48 dB at 16% served with them, the exact output without; the tiny CogVideoX 51.5 dB with
+# an early budget of four times the tolerance, 69.6 dB at the tolerance itself). So up to
+# NEAR_EXACT the first quarter runs at the tolerance itself, as every step does; from
+# FULL_EARLY up at EARLY_TOLERANCE; between, its budget rises linearly from NEAR_EXACT to
+# EARLY_TOLERANCE. There the knob is not monotone: measured on the tiny video DiT at 50
+# steps, 0.05 served 54% at 48.5 dB, 0.1 66% at 49.1 dB.
 NEAR_EXACT = 0.05
 FULL_EARLY = 0.1
 # rho is about 1/steps in the middle of a generation; the scale makes est ~ c * g^(k+1) there,
@@ -113,11 +118,12 @@ class BudgetReuse(ReusePolicy):
         whatever the length: a longer tail moved points along the front, not above it)."""
         return TAIL
 
-    def max_run(self, total: int | None, step: int | None = None) -> int:
-        """The longest run of served steps up to step ``step``: the option, else an eighth of
-        the generation; in the first quarter always the latter."""
-        if self.options.max_run is not None and not (step is not None and early(step, total)):
-            return self.options.max_run
+    def max_run(self, total: int | None, step: int) -> int:
+        """The longest run of served steps reaching step ``step``: the option (in the first
+        quarter only 1, no two served steps in a row), else an eighth of the generation."""
+        option = self.options.max_run
+        if option is not None and (option == 1 or not early(step, total)):
+            return option
         return 8 if total is None else max(2, round(total / RUN_FRACTION))
 
     def tolerance_at(self, step: int, total: int | None) -> float:
