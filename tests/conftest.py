@@ -8,9 +8,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # Under pytest-xdist (pyproject's addopts) the workers split the cores this process may run
 # on (its affinity, not the host's count): two workers on two cores do not run four threads.
+# (sched_getaffinity is Linux-only: elsewhere the host's count.)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (_CORES or 1) // _WORKERS))
 
 
 def pytest_configure(config):

@@ -11,8 +11,8 @@ fall, and the early runs (high noise, the largest propagated errors) cancel part
 later runs add. With the knob deciding every step, which steps the early runs covered shifted
 with it, and the PSNR by 1-4 dB either way: 6 of the 33 sweep steps below rose by more than
 the allowance. The policy now decides the first quarter of a generation at the default's
-budget and run limit whatever the knob (``runtime/policies/budget.py``, ``EARLY_FRACTION``),
-and every sweep step stays within it. Each sweep is one realisation: another CPU's rounding
+budget and run limit unless the knob is near exact (``runtime/policies/budget.py``,
+``EARLY_FRACTION``; the sweeps below are not), and every sweep step stays within it. Each sweep is one realisation: another CPU's rounding
 could move a run by a step.
 """
 from __future__ import annotations
